@@ -1,0 +1,88 @@
+# PyProxy's one entry point for tasks. CI runs `make test`; a local run is CI's run.
+#
+#   make demo    build everything, start a server on 127.0.0.1:9000, run the concept example, stop it
+#   make test    build, lint, run the Rust tests and the Python integration tests
+#   make build   leaves target/release/pyproxy-server and .venv/bin/python with `import pyproxy`
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+SERVER      := target/release/pyproxy-server
+WHEEL_DIR   := target/wheels
+DEMO_PORT   ?= 9000
+PYTEST_ARGS ?=
+
+# The newest Python >= 3.12 we can find, preferring 3.13 (see .python-version).
+# Looked up lazily so targets that need no Python never fail for want of one.
+find_python = $(shell \
+	for v in 3.13 3.12; do \
+	  for c in "$$(command -v pyenv >/dev/null 2>&1 && pyenv prefix $$v 2>/dev/null | head -n1)/bin/python$$v" \
+	           "$$(command -v python$$v 2>/dev/null)" \
+	           $$(ls -d $$HOME/.pyenv/versions/$$v*/bin/python$$v /usr/local/bin/python$$v /usr/bin/python$$v 2>/dev/null); do \
+	    if [ -x "$$c" ] && "$$c" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then echo "$$c"; exit 0; fi; \
+	  done; \
+	done)
+
+# Server and client venv use the same Python: the server links the venv's libpython.
+export PYO3_PYTHON = $(abspath $(VPY))
+
+.PHONY: help venv build server client demo test test-rust test-python lint fmt clean
+
+help:
+	@echo "make demo   - build, start pyproxy-server on 127.0.0.1:$(DEMO_PORT), run the concept example, stop"
+	@echo "make test   - build, lint and run every test (Rust and Python integration)"
+	@echo "make build  - build target/release/pyproxy-server and install the client into .venv"
+	@echo "make clean  - remove build outputs and the venv"
+
+$(VPY):
+	@py="$(find_python)"; \
+	if [ -z "$$py" ]; then \
+	  echo "error: PyProxy needs Python 3.13 or 3.12 (own-GIL sub-interpreters)." >&2; \
+	  echo "       Install one, e.g. 'pyenv install 3.13' or 'apt-get install python3.13 python3.13-venv'," >&2; \
+	  echo "       and run make again." >&2; \
+	  exit 1; \
+	fi; \
+	echo "Creating $(VENV) with $$py"; \
+	"$$py" -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet "maturin>=1.5,<2" "pytest>=8" "pytest-timeout>=2.3" "cloudpickle>=3.0"
+
+venv: $(VPY)
+
+server: $(VPY)
+	cargo build --release --bin pyproxy-server
+
+client: $(VPY)
+	rm -rf $(WHEEL_DIR)
+	$(VENV)/bin/maturin build --quiet --release -m pyclient/Cargo.toml -i $(VPY) -o $(WHEEL_DIR)
+	$(VPY) -m pip install --quiet --force-reinstall --no-deps $(WHEEL_DIR)/pyproxy-*.whl
+
+build: server client
+	@$(VPY) -c 'import pyproxy, sys; print("pyproxy client ready in", sys.prefix)'
+	@ls -l $(SERVER)
+
+demo: build
+	@$(VPY) integration/run_demo.py --server $(SERVER) --python-env $(VENV) --port $(DEMO_PORT)
+
+fmt:
+	cargo fmt --all
+
+lint: $(VPY)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-rust: $(VPY)
+	cargo test --workspace
+
+test-python: build
+	PYPROXY_SERVER=$(abspath $(SERVER)) PYPROXY_PYTHON_ENV=$(abspath $(VENV)) \
+	  $(VPY) -m pytest integration $(PYTEST_ARGS)
+
+test: lint test-rust test-python
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,68 @@
+//! The execution engine: runs atoms in per-session sub-interpreters with their
+//! own GIL on a bounded pool of executor threads.
+//!
+//! This file is the contract between the engine and the network layer
+//! (`crate::server`). The network layer opens an [`EngineSession`] per PyProxy
+//! session, submits atoms to it, and receives everything an atom produces
+//! through the [`SessionSink`] it handed over: output lines, the end-of-output
+//! mark and the result, in that order for each atom.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::{AtomKind, AtomResult};
+
+/// Settings the engine is started with (from the command line).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Executor threads shared by all sessions (default: the number of cores).
+    pub executors: usize,
+    /// Ready interpreters kept warm, cloudpickle imported, so opening a session never waits.
+    pub warm_pool: usize,
+    /// A virtual environment whose site-packages atoms can import (`--python-env` or `VIRTUAL_ENV`).
+    pub python_env: Option<PathBuf>,
+    /// Working directory of the server process, and so of every atom.
+    pub workdir: Option<PathBuf>,
+    /// Modules imported into every interpreter before it is handed to a session.
+    pub preload: Vec<String>,
+    /// Longest line sent in one piece; longer lines are split at this many bytes.
+    pub max_line: usize,
+    /// Timeout applied to atoms that carry none.
+    pub default_timeout: Option<Duration>,
+}
+
+/// One atom to run, as decoded from an `EVAL` frame.
+#[derive(Clone)]
+pub struct AtomRequest {
+    /// The EVAL frame's request id; every sink call for this atom carries it.
+    pub id: u64,
+    pub kind: AtomKind,
+    /// Source text (UTF-8) or a cloudpickled code object / callable.
+    pub payload: Vec<u8>,
+    /// Pickled dict, or None.
+    pub globals: Option<Vec<u8>>,
+    /// Pickled dict, or None.
+    pub locals: Option<Vec<u8>>,
+    /// Overrides the engine's default timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// Where a session's atoms deliver what they produce. Implemented by the network
+/// layer; called from engine threads. For each atom, in this order:
+/// any number of `output` calls, then exactly one `end_of_output`, then exactly
+/// one `result`. Atoms of a session are delivered in submission order.
+///
+/// A call may block (back-pressure from a client that does not read); the
+/// engine tolerates that, and it slows only that session's atoms.
+pub trait SessionSink: Send + Sync + 'static {
+    /// Whole lines the atom wrote to `fd` (1 or 2), each ending in `\n`.
+    fn output(&self, atom: u64, fd: u8, lines: Vec<u8>);
+    /// Every byte the atom wrote before it returned has been passed to `output`.
+    fn end_of_output(&self, atom: u64);
+    /// The atom's value or exception.
+    fn result(&self, atom: u64, result: AtomResult);
+}
+
+/// Shared handle to a sink.
+pub type Sink = Arc<dyn SessionSink>;

@@ -1,0 +1,738 @@
+//! Typed messages: one struct per frame kind, with conversions to and from
+//! [`Frame`]. Field order here is the byte order on the wire and the order of
+//! the field tables in `docs/protocol.md`.
+
+use super::codec::{PayloadReader, PayloadWriter};
+use super::error::{Error, Result};
+use super::frame::{Frame, Kind};
+
+/// The protocol version this crate speaks, sent in `CHALLENGE` and `HELLO`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Length of nonces, proofs and attach secrets.
+pub const NONCE_LEN: usize = 32;
+
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident : $repr:ty, $field:literal { $($(#[$vm:meta])* $variant:ident = $value:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr($repr)]
+        pub enum $name {
+            $($(#[$vm])* $variant = $value,)*
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            pub fn from_wire(value: $repr) -> Result<Self> {
+                match value {
+                    $($value => Ok($name::$variant),)*
+                    other => Err(Error::InvalidValue { field: $field, value: u64::from(other) }),
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// What an `EVAL` payload holds.
+    AtomKind: u8, "atom_kind" {
+        /// UTF-8 Python source text.
+        Source = 0,
+        /// A code object, pickled with cloudpickle.
+        Code = 1,
+        /// A callable, pickled with cloudpickle, called with no arguments.
+        Function = 2,
+    }
+}
+
+wire_enum! {
+    /// Why an atom failed, so the client can pick the exception to raise.
+    FailureOrigin: u8, "origin" {
+        /// The atom raised; `pickled` may carry the exception itself.
+        Raised = 0,
+        /// The atom ran past its timeout and was interrupted.
+        Timeout = 1,
+        /// The client cancelled the atom.
+        Cancelled = 2,
+        /// The atom needs the client's Python minor version to match the server's.
+        VersionMismatch = 3,
+        /// The process running the atom died (fork backend).
+        WorkerDied = 4,
+        /// The server is shutting down or the session is ending.
+        Shutdown = 5,
+        /// The server could not run the atom (bad payload, internal fault).
+        ServerError = 6,
+    }
+}
+
+wire_enum! {
+    /// Protocol-level failure codes carried by `ERROR`.
+    ErrorCode: u16, "error_code" {
+        /// A frame could not be decoded or broke a framing rule.
+        BadFrame = 1,
+        /// The handshake proof did not match the server's token.
+        AuthFailed = 2,
+        /// The peers speak different protocol versions.
+        VersionMismatch = 3,
+        /// A frame arrived that is not valid at this point or on this stream.
+        UnexpectedMessage = 4,
+        /// A configured limit was exceeded (pipelined atoms, sessions, connections).
+        LimitExceeded = 5,
+        /// ATTACH named an unknown session or gave the wrong secret.
+        AttachRefused = 6,
+        /// The requested backend is not available on this server.
+        UnsupportedBackend = 7,
+        /// The server failed internally.
+        Internal = 8,
+        /// A deadline passed (handshake or attach).
+        Timeout = 9,
+    }
+}
+
+wire_enum! {
+    /// Severity of a `LOG` record (slog's levels).
+    LogLevel: u8, "level" {
+        Critical = 0,
+        Error = 1,
+        Warning = 2,
+        Info = 3,
+        Debug = 4,
+        Trace = 5,
+    }
+}
+
+/// Server → client first frame on main-stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    pub protocol_version: u16,
+    pub auth_required: bool,
+    pub server_nonce: [u8; NONCE_LEN],
+}
+
+/// Client → server handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub client_nonce: [u8; NONCE_LEN],
+    /// HMAC proof of the token (see `auth`); all zeros when the server said auth is off.
+    pub proof: [u8; NONCE_LEN],
+    /// `sys.implementation.name` of the client, e.g. `cpython`.
+    pub implementation: String,
+    /// The client's Python version, `major.minor.micro`.
+    pub python_version: String,
+    /// Requested backend (`subinterp`, `fork`), or empty for the server default.
+    pub backend: String,
+    /// Free-form client name and version, for the server's log.
+    pub client: String,
+}
+
+/// Limits the server enforces, announced so the client can respect them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_frame: u32,
+    pub max_pipelined: u32,
+    pub max_line: u32,
+    pub default_timeout_ms: Option<u64>,
+}
+
+/// Server → client: the handshake succeeded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub session_id: u64,
+    pub attach_secret: [u8; NONCE_LEN],
+    /// HMAC proof that the server knows the token too; zeros without auth.
+    pub server_proof: [u8; NONCE_LEN],
+    pub server_version: String,
+    pub implementation: String,
+    pub python_version: String,
+    pub backend: String,
+    pub limits: Limits,
+}
+
+/// Client → server: run an atom. The frame's request id is the atom id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eval {
+    pub kind: AtomKind,
+    pub payload: Vec<u8>,
+    pub globals: Option<Vec<u8>>,
+    pub locals: Option<Vec<u8>>,
+    pub timeout_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for Eval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eval")
+            .field("kind", &self.kind)
+            .field("payload_len", &self.payload.len())
+            .field("globals_len", &self.globals.as_ref().map(Vec::len))
+            .field("locals_len", &self.locals.as_ref().map(Vec::len))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Client → server: cancel the atom with id `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cancel {
+    pub target: u64,
+}
+
+/// An atom's outcome.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The value, pickled with protocol 5.
+    Value { pickled: Vec<u8> },
+    /// The atom failed.
+    Exception(RemoteException),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Value { pickled } => write!(f, "Value({} bytes)", pickled.len()),
+            Outcome::Exception(e) => e.fmt(f),
+        }
+    }
+}
+
+/// What the client needs to re-raise a remote failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteException {
+    pub origin: FailureOrigin,
+    /// Qualified type name, e.g. `builtins.ZeroDivisionError`.
+    pub type_name: String,
+    pub message: String,
+    /// The remote traceback, formatted as Python prints it.
+    pub traceback: String,
+    /// The exception object pickled, when it pickles.
+    pub pickled: Option<Vec<u8>>,
+}
+
+/// Server → client: an atom's result. The frame's request id is the atom id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AtomResult {
+    /// Time the atom ran, in microseconds.
+    pub duration_us: u64,
+    pub outcome: Outcome,
+}
+
+/// A protocol-level failure. Request id 0 when it concerns the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Client → server, first frame on output-stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attach {
+    pub session_id: u64,
+    pub secret: [u8; NONCE_LEN],
+}
+
+/// Whole lines an atom wrote. `data` is one or more lines, each ending in `\n`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    pub fd: u8,
+    pub data: Vec<u8>,
+}
+
+/// A server log record about the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    pub level: LogLevel,
+    /// Microseconds since the Unix epoch.
+    pub timestamp_us: u64,
+    pub message: String,
+    pub fields: Vec<(String, String)>,
+}
+
+/// Every message, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Challenge(Challenge),
+    Hello(Hello),
+    Welcome(Welcome),
+    Eval(Eval),
+    Cancel(Cancel),
+    Close,
+    Result(AtomResult),
+    Error(ErrorMsg),
+    Attach(Attach),
+    Attached { session_id: u64 },
+    Output(Output),
+    EndOfOutput,
+    Log(Log),
+    Goodbye { reason: String },
+}
+
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Challenge(_) => Kind::Challenge,
+            Message::Hello(_) => Kind::Hello,
+            Message::Welcome(_) => Kind::Welcome,
+            Message::Eval(_) => Kind::Eval,
+            Message::Cancel(_) => Kind::Cancel,
+            Message::Close => Kind::Close,
+            Message::Result(_) => Kind::Result,
+            Message::Error(_) => Kind::Error,
+            Message::Attach(_) => Kind::Attach,
+            Message::Attached { .. } => Kind::Attached,
+            Message::Output(_) => Kind::Output,
+            Message::EndOfOutput => Kind::EndOfOutput,
+            Message::Log(_) => Kind::Log,
+            Message::Goodbye { .. } => Kind::Goodbye,
+        }
+    }
+
+    /// Encodes the payload of this message.
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut w = PayloadWriter::new();
+        match self {
+            Message::Challenge(c) => {
+                w.u16(c.protocol_version)
+                    .bool(c.auth_required)
+                    .nonce(&c.server_nonce);
+            }
+            Message::Hello(h) => {
+                w.u16(h.protocol_version)
+                    .nonce(&h.client_nonce)
+                    .nonce(&h.proof)
+                    .str(&h.implementation)
+                    .str(&h.python_version)
+                    .str(&h.backend)
+                    .str(&h.client);
+            }
+            Message::Welcome(m) => {
+                w.u64(m.session_id)
+                    .nonce(&m.attach_secret)
+                    .nonce(&m.server_proof)
+                    .str(&m.server_version)
+                    .str(&m.implementation)
+                    .str(&m.python_version)
+                    .str(&m.backend)
+                    .u32(m.limits.max_frame)
+                    .u32(m.limits.max_pipelined)
+                    .u32(m.limits.max_line)
+                    .opt_u64(m.limits.default_timeout_ms);
+            }
+            Message::Eval(e) => {
+                w = PayloadWriter::with_capacity(e.payload.len() + 32);
+                w.u8(e.kind as u8)
+                    .opt_u64(e.timeout_ms)
+                    .opt_bytes(e.globals.as_deref())
+                    .opt_bytes(e.locals.as_deref())
+                    .bytes(&e.payload);
+            }
+            Message::Cancel(c) => {
+                w.u64(c.target);
+            }
+            Message::Close | Message::EndOfOutput => {}
+            Message::Result(r) => encode_result(&mut w, r),
+            Message::Error(e) => {
+                w.u16(e.code as u16).str(&e.message);
+            }
+            Message::Attach(a) => {
+                w.u64(a.session_id).nonce(&a.secret);
+            }
+            Message::Attached { session_id } => {
+                w.u64(*session_id);
+            }
+            Message::Output(o) => {
+                w.u8(o.fd).rest(&o.data);
+            }
+            Message::Log(l) => {
+                w.u8(l.level as u8)
+                    .u64(l.timestamp_us)
+                    .str(&l.message)
+                    .u32(l.fields.len() as u32);
+                for (k, v) in &l.fields {
+                    w.str(k).str(v);
+                }
+            }
+            Message::Goodbye { reason } => {
+                w.str(reason);
+            }
+        }
+        w.finish()
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        Frame::new(self.kind(), request_id, self.encode_payload())
+    }
+
+    /// Decodes a frame's payload according to its kind. Never panics.
+    pub fn decode(frame: &Frame) -> Result<Message> {
+        Message::decode_parts(frame.kind, &frame.payload)
+    }
+
+    pub fn decode_parts(kind: Kind, payload: &[u8]) -> Result<Message> {
+        let mut r = PayloadReader::new(payload);
+        let msg = match kind {
+            Kind::Challenge => Message::Challenge(Challenge {
+                protocol_version: r.u16("protocol_version")?,
+                auth_required: r.bool("auth_required")?,
+                server_nonce: r.nonce("server_nonce")?,
+            }),
+            Kind::Hello => Message::Hello(Hello {
+                protocol_version: r.u16("protocol_version")?,
+                client_nonce: r.nonce("client_nonce")?,
+                proof: r.nonce("proof")?,
+                implementation: r.string("implementation")?,
+                python_version: r.string("python_version")?,
+                backend: r.string("backend")?,
+                client: r.string("client")?,
+            }),
+            Kind::Welcome => Message::Welcome(Welcome {
+                session_id: r.u64("session_id")?,
+                attach_secret: r.nonce("attach_secret")?,
+                server_proof: r.nonce("server_proof")?,
+                server_version: r.string("server_version")?,
+                implementation: r.string("implementation")?,
+                python_version: r.string("python_version")?,
+                backend: r.string("backend")?,
+                limits: Limits {
+                    max_frame: r.u32("max_frame")?,
+                    max_pipelined: r.u32("max_pipelined")?,
+                    max_line: r.u32("max_line")?,
+                    default_timeout_ms: r.opt_u64("default_timeout_ms")?,
+                },
+            }),
+            Kind::Eval => Message::Eval(Eval {
+                kind: AtomKind::from_wire(r.u8("atom_kind")?)?,
+                timeout_ms: r.opt_u64("timeout_ms")?,
+                globals: r.opt_bytes("globals")?.map(<[u8]>::to_vec),
+                locals: r.opt_bytes("locals")?.map(<[u8]>::to_vec),
+                payload: r.bytes("payload")?.to_vec(),
+            }),
+            Kind::Cancel => Message::Cancel(Cancel {
+                target: r.u64("target")?,
+            }),
+            Kind::Close => Message::Close,
+            Kind::Result => Message::Result(decode_result(&mut r)?),
+            Kind::Error => Message::Error(ErrorMsg {
+                code: ErrorCode::from_wire(r.u16("error_code")?)?,
+                message: r.string("message")?,
+            }),
+            Kind::Attach => Message::Attach(Attach {
+                session_id: r.u64("session_id")?,
+                secret: r.nonce("secret")?,
+            }),
+            Kind::Attached => Message::Attached {
+                session_id: r.u64("session_id")?,
+            },
+            Kind::Output => {
+                let fd = r.u8("fd")?;
+                if fd != 1 && fd != 2 {
+                    return Err(Error::InvalidValue {
+                        field: "fd",
+                        value: u64::from(fd),
+                    });
+                }
+                Message::Output(Output {
+                    fd,
+                    data: r.rest().to_vec(),
+                })
+            }
+            Kind::EndOfOutput => Message::EndOfOutput,
+            Kind::Log => {
+                let level = LogLevel::from_wire(r.u8("level")?)?;
+                let timestamp_us = r.u64("timestamp_us")?;
+                let message = r.string("message")?;
+                let count = r.u32("field_count")?;
+                // Each field takes at least 8 bytes, so the count cannot ask for
+                // more than the payload holds.
+                let mut fields = Vec::with_capacity((count as usize).min(payload.len() / 8));
+                for _ in 0..count {
+                    fields.push((r.string("field_key")?, r.string("field_value")?));
+                }
+                Message::Log(Log {
+                    level,
+                    timestamp_us,
+                    message,
+                    fields,
+                })
+            }
+            Kind::Goodbye => Message::Goodbye {
+                reason: r.string("reason")?,
+            },
+        };
+        r.finish(kind.name())?;
+        Ok(msg)
+    }
+}
+
+const OUTCOME_VALUE: u8 = 0;
+const OUTCOME_EXCEPTION: u8 = 1;
+
+fn encode_result(w: &mut PayloadWriter, r: &AtomResult) {
+    w.u64(r.duration_us);
+    match &r.outcome {
+        Outcome::Value { pickled } => {
+            w.u8(OUTCOME_VALUE).bytes(pickled);
+        }
+        Outcome::Exception(e) => {
+            w.u8(OUTCOME_EXCEPTION)
+                .u8(e.origin as u8)
+                .str(&e.type_name)
+                .str(&e.message)
+                .str(&e.traceback)
+                .opt_bytes(e.pickled.as_deref());
+        }
+    }
+}
+
+fn decode_result(r: &mut PayloadReader<'_>) -> Result<AtomResult> {
+    let duration_us = r.u64("duration_us")?;
+    let outcome = match r.u8("outcome")? {
+        OUTCOME_VALUE => Outcome::Value {
+            pickled: r.bytes("value")?.to_vec(),
+        },
+        OUTCOME_EXCEPTION => Outcome::Exception(RemoteException {
+            origin: FailureOrigin::from_wire(r.u8("origin")?)?,
+            type_name: r.string("type_name")?,
+            message: r.string("message")?,
+            traceback: r.string("traceback")?,
+            pickled: r.opt_bytes("pickled")?.map(<[u8]>::to_vec),
+        }),
+        other => {
+            return Err(Error::InvalidValue {
+                field: "outcome",
+                value: u64::from(other),
+            })
+        }
+    };
+    Ok(AtomResult {
+        duration_us,
+        outcome,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{FrameReader, DEFAULT_MAX_FRAME};
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    fn nonce() -> impl Strategy<Value = [u8; 32]> {
+        any::<[u8; 32]>()
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,40}"
+    }
+
+    fn blob() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..200)
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<u16>(), any::<bool>(), nonce()).prop_map(|(v, a, n)| Message::Challenge(
+                Challenge {
+                    protocol_version: v,
+                    auth_required: a,
+                    server_nonce: n
+                }
+            )),
+            (
+                any::<u16>(),
+                nonce(),
+                nonce(),
+                text(),
+                text(),
+                text(),
+                text()
+            )
+                .prop_map(|(v, n, p, i, pv, b, c)| {
+                    Message::Hello(Hello {
+                        protocol_version: v,
+                        client_nonce: n,
+                        proof: p,
+                        implementation: i,
+                        python_version: pv,
+                        backend: b,
+                        client: c,
+                    })
+                }),
+            (
+                any::<u64>(),
+                nonce(),
+                nonce(),
+                (text(), text(), text(), text()),
+                (
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<Option<u64>>()
+                )
+            )
+                .prop_map(|(id, s, p, (sv, i, pv, b), (mf, mp, ml, dt))| {
+                    Message::Welcome(Welcome {
+                        session_id: id,
+                        attach_secret: s,
+                        server_proof: p,
+                        server_version: sv,
+                        implementation: i,
+                        python_version: pv,
+                        backend: b,
+                        limits: Limits {
+                            max_frame: mf,
+                            max_pipelined: mp,
+                            max_line: ml,
+                            default_timeout_ms: dt,
+                        },
+                    })
+                }),
+            (
+                proptest::sample::select(AtomKind::ALL.to_vec()),
+                blob(),
+                proptest::option::of(blob()),
+                proptest::option::of(blob()),
+                any::<Option<u64>>()
+            )
+                .prop_map(|(k, p, g, l, t)| Message::Eval(Eval {
+                    kind: k,
+                    payload: p,
+                    globals: g,
+                    locals: l,
+                    timeout_ms: t
+                })),
+            any::<u64>().prop_map(|t| Message::Cancel(Cancel { target: t })),
+            Just(Message::Close),
+            (any::<u64>(), blob()).prop_map(|(d, p)| Message::Result(AtomResult {
+                duration_us: d,
+                outcome: Outcome::Value { pickled: p }
+            })),
+            (
+                any::<u64>(),
+                proptest::sample::select(FailureOrigin::ALL.to_vec()),
+                text(),
+                text(),
+                text(),
+                proptest::option::of(blob())
+            )
+                .prop_map(|(d, o, t, m, tb, p)| Message::Result(AtomResult {
+                    duration_us: d,
+                    outcome: Outcome::Exception(RemoteException {
+                        origin: o,
+                        type_name: t,
+                        message: m,
+                        traceback: tb,
+                        pickled: p
+                    })
+                })),
+            (proptest::sample::select(ErrorCode::ALL.to_vec()), text()).prop_map(|(c, m)| {
+                Message::Error(ErrorMsg {
+                    code: c,
+                    message: m,
+                })
+            }),
+            (any::<u64>(), nonce()).prop_map(|(id, s)| Message::Attach(Attach {
+                session_id: id,
+                secret: s
+            })),
+            any::<u64>().prop_map(|id| Message::Attached { session_id: id }),
+            (1u8..=2, blob()).prop_map(|(fd, d)| Message::Output(Output { fd, data: d })),
+            Just(Message::EndOfOutput),
+            (
+                proptest::sample::select(LogLevel::ALL.to_vec()),
+                any::<u64>(),
+                text(),
+                proptest::collection::vec((text(), text()), 0..5)
+            )
+                .prop_map(|(l, t, m, f)| Message::Log(Log {
+                    level: l,
+                    timestamp_us: t,
+                    message: m,
+                    fields: f
+                })),
+            text().prop_map(|r| Message::Goodbye { reason: r }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn every_message_round_trips(msg in message(), id in any::<u64>()) {
+            let frame = msg.to_frame(id);
+            let bytes = frame.to_bytes();
+            let mut reader = FrameReader::new(Cursor::new(bytes), DEFAULT_MAX_FRAME);
+            let back = reader.read_frame().unwrap();
+            prop_assert_eq!(back.request_id, id);
+            prop_assert_eq!(Message::decode(&back).unwrap(), msg);
+        }
+
+        #[test]
+        fn truncated_payloads_are_errors(msg in message(), cut in any::<prop::sample::Index>()) {
+            let payload = msg.encode_payload();
+            // OUTPUT's data runs to the end of the payload, and a message with an
+            // empty payload has nothing to cut.
+            prop_assume!(!payload.is_empty() && !matches!(msg, Message::Output(_)));
+            let at = cut.index(payload.len());
+            prop_assert!(Message::decode_parts(msg.kind(), &payload[..at]).is_err());
+        }
+
+        #[test]
+        fn extra_bytes_are_errors(msg in message(), extra in proptest::collection::vec(any::<u8>(), 1..10)) {
+            prop_assume!(!matches!(msg, Message::Output(_)));
+            let mut payload = msg.encode_payload();
+            payload.extend_from_slice(&extra);
+            prop_assert!(Message::decode_parts(msg.kind(), &payload).is_err());
+        }
+
+        #[test]
+        fn random_payloads_never_panic(kind in proptest::sample::select(Kind::ALL.to_vec()), payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Message::decode_parts(kind, &payload);
+        }
+    }
+
+    #[test]
+    fn huge_declared_lengths_do_not_allocate() {
+        // A LOG claiming 4 billion fields in a 20-byte payload.
+        let mut p = vec![3u8];
+        p.extend_from_slice(&0u64.to_be_bytes());
+        p.extend_from_slice(&0u32.to_be_bytes());
+        p.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Message::decode_parts(Kind::Log, &p),
+            Err(Error::PayloadTruncated {
+                field: "field_key",
+                ..
+            })
+        ));
+        // An EVAL whose payload claims 4 GiB.
+        let p = [0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            Message::decode_parts(Kind::Eval, &p),
+            Err(Error::PayloadTruncated {
+                field: "payload",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn literal_cancel_bytes() {
+        let frame = Message::Cancel(Cancel { target: 0x0102 }).to_frame(9);
+        assert_eq!(
+            frame.to_bytes(),
+            [0, 0, 0, 17, 0x11, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn output_fd_must_be_1_or_2() {
+        assert!(matches!(
+            Message::decode_parts(Kind::Output, &[3, b'x', b'\n']),
+            Err(Error::InvalidValue {
+                field: "fd",
+                value: 3
+            })
+        ));
+    }
+}

@@ -1,0 +1,1 @@
+//! The network layer: listener, handshake, sessions, output-stream, logs.
