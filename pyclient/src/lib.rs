@@ -1,10 +1,442 @@
-//! The native half of the PyProxy client (`pyproxy._native`).
+//! The native half of the PyProxy client, imported as `pyproxy._native`.
+//!
+//! It exposes the session machinery of [`session`] and [`reader`] to the
+//! pure-Python layer in `pyclient/python/pyproxy/`, which adds pickling, the
+//! futures API and exception re-raising. Every call that can block releases
+//! the GIL (`Python::detach`) and wakes every [`SIGNAL_SLICE`] to let Ctrl-C
+//! through. Client errors become Python exceptions in exactly one place,
+//! [`to_pyerr`].
 
+pub mod error;
+pub mod notify;
+mod reader;
+pub mod session;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
 
-/// The protocol version this client speaks.
+use pyproxy::protocol::{AtomKind, Outcome};
+
+use crate::error::ClientError;
+use crate::notify::Notifier;
+use crate::session::{Completion, ConnectOptions, Session};
+
+/// How long a blocking call sleeps without the GIL before it checks for signals.
+const SIGNAL_SLICE: Duration = Duration::from_millis(100);
+
+/// A log record as Python receives it: level, timestamp in µs, message, fields.
+type LogTuple = (u8, u64, String, Vec<(String, String)>);
+
+/// Output bytes handed to Python per `read_output` call.
+const OUTPUT_BATCH: usize = 4 * 1024 * 1024;
+
+/// The one place a [`ClientError`] becomes a Python exception: the class of
+/// the same name in `pyproxy._errors`, called with the message.
+fn to_pyerr(py: Python<'_>, err: ClientError) -> PyErr {
+    let message = err.to_string();
+    let class = err.python_class();
+    if class == "ValueError" {
+        return PyValueError::new_err(message);
+    }
+    let built = py
+        .import("pyproxy._errors")
+        .and_then(|m| m.getattr(class))
+        .and_then(|cls| cls.call1((message.clone(),)));
+    match built {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(_) => PyRuntimeError::new_err(format!("{class}: {message}")),
+    }
+}
+
+/// Seconds from Python (None: forever) to a duration; negative means "do not wait".
+fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_nan() => Err(PyValueError::new_err("timeout must be a number, not NaN")),
+        Some(t) if t.is_infinite() && t > 0.0 => Ok(None),
+        Some(t) => Ok(Some(Duration::from_secs_f64(t.max(0.0)))),
+    }
+}
+
+/// Runs `step` without the GIL in slices of at most [`SIGNAL_SLICE`] until it
+/// returns `Some` or `timeout` passes, checking for signals between slices.
+fn blocking<T: Send>(
+    py: Python<'_>,
+    timeout: Option<Duration>,
+    mut step: impl FnMut(Duration) -> Option<T> + Send,
+) -> PyResult<Option<T>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let slice = match deadline {
+            None => SIGNAL_SLICE,
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(SIGNAL_SLICE),
+        };
+        if let Some(v) = py.detach(|| step(slice)) {
+            return Ok(Some(v));
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
+        }
+    }
+}
+
+/// A connected PyProxy session: two TCP streams and the one native thread
+/// that reads them. Use `pyproxy.PyProxySession`; this is its engine.
+#[pyclass(frozen, name = "Connection", module = "pyproxy._native")]
+struct PyConnection {
+    inner: Arc<Session>,
+}
+
+/// How an atom ended, still undecoded: the pickled value, or the parts of a
+/// remote exception. `pyproxy` unpickles it in the thread that asks.
+#[pyclass(frozen, name = "Outcome", module = "pyproxy._native")]
+struct PyOutcome {
+    /// True when the atom raised or failed; `pickled` is then the exception, if it pickled.
+    #[pyo3(get)]
+    is_exception: bool,
+    /// The pickled value or exception (may be None for an exception that did not pickle).
+    #[pyo3(get)]
+    pickled: Option<Py<PyBytes>>,
+    /// Failure origin code (0 raised, 1 timeout, 2 cancelled, 3 version mismatch,
+    /// 4 worker died, 5 shutdown, 6 server error); 0 for a value.
+    #[pyo3(get)]
+    origin: u8,
+    /// Qualified exception type name, e.g. `builtins.ZeroDivisionError`.
+    #[pyo3(get)]
+    type_name: String,
+    /// `str()` of the remote exception.
+    #[pyo3(get)]
+    message: String,
+    /// The remote traceback as Python formats it.
+    #[pyo3(get)]
+    traceback: String,
+    /// How long the atom ran on the server, in microseconds.
+    #[pyo3(get)]
+    duration_us: u64,
+}
+
+#[pymethods]
+impl PyOutcome {
+    fn __repr__(&self) -> String {
+        if self.is_exception {
+            format!(
+                "<Outcome exception origin={} {}>",
+                self.origin, self.type_name
+            )
+        } else {
+            format!("<Outcome value in {} us>", self.duration_us)
+        }
+    }
+}
+
+/// A wake-up channel for completions: a pipe whose read end (`fileno()`) becomes
+/// readable when a watched atom completes, plus the tokens of those atoms.
+/// The session thread writes to it without ever taking the GIL.
+#[pyclass(frozen, name = "Notifier", module = "pyproxy._native")]
+struct PyNotifier {
+    inner: Arc<Notifier>,
+}
+
+#[pymethods]
+impl PyNotifier {
+    #[new]
+    fn new() -> PyResult<Self> {
+        Ok(PyNotifier {
+            inner: Arc::new(Notifier::new()?),
+        })
+    }
+
+    /// The pipe's read end, for `loop.add_reader` or `select`.
+    fn fileno(&self) -> i32 {
+        self.inner.fileno()
+    }
+
+    /// Tokens of watched atoms that completed since the last call; never blocks.
+    fn drain(&self) -> Vec<u64> {
+        self.inner.drain()
+    }
+
+    /// Waits (without the GIL) up to `timeout` seconds (None: forever) for at
+    /// least one token, then returns all of them; an empty list on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<u64>> {
+        let n = &self.inner;
+        let got = blocking(py, seconds(timeout)?, |slice| {
+            let tokens = n.wait(Some(slice)).unwrap_or_default();
+            (!tokens.is_empty()).then_some(tokens)
+        })?;
+        Ok(got.unwrap_or_default())
+    }
+}
+
+fn outcome(py: Python<'_>, atom: u64, done: &Completion) -> PyResult<PyOutcome> {
+    match done {
+        Completion::Result(r) => Ok(match &r.outcome {
+            Outcome::Value { pickled } => PyOutcome {
+                is_exception: false,
+                pickled: Some(PyBytes::new(py, pickled).unbind()),
+                origin: 0,
+                type_name: String::new(),
+                message: String::new(),
+                traceback: String::new(),
+                duration_us: r.duration_us,
+            },
+            Outcome::Exception(e) => PyOutcome {
+                is_exception: true,
+                pickled: e.pickled.as_ref().map(|p| PyBytes::new(py, p).unbind()),
+                origin: e.origin as u8,
+                type_name: e.type_name.clone(),
+                message: e.message.clone(),
+                traceback: e.traceback.clone(),
+                duration_us: r.duration_us,
+            },
+        }),
+        Completion::Refused(e) => Err(to_pyerr(
+            py,
+            ClientError::AtomRefused {
+                atom,
+                code: e.code,
+                message: e.message.clone(),
+            },
+        )),
+        Completion::Closed(cause) => Err(to_pyerr(
+            py,
+            ClientError::SessionClosed {
+                cause: cause.clone(),
+            },
+        )),
+    }
+}
+
+#[pymethods]
+impl PyConnection {
+    /// Opens a session (both streams, both handshakes) and starts its thread.
+    /// Blocks without the GIL for at most `connect_timeout` seconds.
+    #[staticmethod]
+    #[pyo3(signature = (host, port, *, token, token_source, backend, connect_timeout, implementation, python_version))]
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        py: Python<'_>,
+        host: String,
+        port: u16,
+        token: Option<String>,
+        token_source: String,
+        backend: String,
+        connect_timeout: f64,
+        implementation: String,
+        python_version: String,
+    ) -> PyResult<PyConnection> {
+        let connect_timeout = seconds(Some(connect_timeout))?.unwrap_or(Duration::MAX);
+        let opts = ConnectOptions {
+            host,
+            port,
+            token,
+            token_source,
+            backend,
+            connect_timeout,
+            implementation,
+            python_version,
+        };
+        let session = py
+            .detach(|| Session::connect(&opts))
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(PyConnection {
+            inner: Arc::new(session),
+        })
+    }
+
+    /// The id the server gave this session.
+    #[getter]
+    fn session_id(&self) -> u64 {
+        self.inner.info.session_id
+    }
+
+    /// The server's PyProxy version.
+    #[getter]
+    fn server_version(&self) -> &str {
+        &self.inner.info.server_version
+    }
+
+    /// The server's Python version, `major.minor.micro`.
+    #[getter]
+    fn server_python_version(&self) -> &str {
+        &self.inner.info.python_version
+    }
+
+    /// The backend the session runs on (`subinterp` or `fork`).
+    #[getter]
+    fn backend(&self) -> &str {
+        &self.inner.info.backend
+    }
+
+    /// The address actually connected to, `host:port`.
+    #[getter]
+    fn peer(&self) -> String {
+        self.inner.info.peer.to_string()
+    }
+
+    /// Largest frame the server accepts, in bytes.
+    #[getter]
+    fn max_frame(&self) -> u32 {
+        self.inner.info.limits.max_frame
+    }
+
+    /// Most atoms the session may have queued or running at once.
+    #[getter]
+    fn max_pipelined(&self) -> u32 {
+        self.inner.info.limits.max_pipelined
+    }
+
+    /// Timeout the server applies to atoms sent without one, in milliseconds.
+    #[getter]
+    fn default_timeout_ms(&self) -> Option<u64> {
+        self.inner.info.limits.default_timeout_ms
+    }
+
+    /// Sends an atom (`kind` 0 source, 1 code, 2 function) and returns its id.
+    #[pyo3(signature = (kind, payload, globals=None, locals=None, timeout_ms=None))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        kind: u8,
+        payload: &[u8],
+        globals: Option<&[u8]>,
+        locals: Option<&[u8]>,
+        timeout_ms: Option<u64>,
+    ) -> PyResult<u64> {
+        let kind = AtomKind::from_wire(kind)
+            .map_err(|_| PyValueError::new_err(format!("unknown atom kind {kind}")))?;
+        let s = &self.inner;
+        py.detach(|| s.submit(kind, payload, globals, locals, timeout_ms))
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Sends `CANCEL` for the atom; True if it had not finished.
+    fn cancel(&self, py: Python<'_>, atom: u64) -> PyResult<bool> {
+        let s = &self.inner;
+        py.detach(|| s.cancel(atom)).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Waits (without the GIL) up to `timeout` seconds for the atom's outcome;
+    /// None on timeout. Raises `SessionClosed` if the session died first.
+    #[pyo3(signature = (atom, timeout=None))]
+    fn wait(&self, py: Python<'_>, atom: u64, timeout: Option<f64>) -> PyResult<Option<PyOutcome>> {
+        let s = &self.inner;
+        let done = blocking(py, seconds(timeout)?, |slice| {
+            match s.wait(atom, Some(slice)) {
+                Ok(None) => None,
+                other => Some(other),
+            }
+        })?;
+        match done {
+            None => Ok(None),
+            Some(Err(e)) => Err(to_pyerr(py, e)),
+            Some(Ok(None)) => Ok(None),
+            Some(Ok(Some(c))) => outcome(py, atom, &c).map(Some),
+        }
+    }
+
+    /// True once the atom has an outcome (or its slot was released).
+    fn done(&self, atom: u64) -> bool {
+        self.inner.is_done(atom)
+    }
+
+    /// True while the atom is the session's oldest unfinished one.
+    fn running(&self, atom: u64) -> bool {
+        self.inner.is_running(atom)
+    }
+
+    /// Asks for `token` on `notifier` when the atom completes (at once if it has).
+    fn watch(&self, atom: u64, notifier: &PyNotifier, token: u64) {
+        self.inner.watch(atom, &notifier.inner, token);
+    }
+
+    /// Withdraws every watch of `notifier` on the atom.
+    fn unwatch(&self, atom: u64, notifier: &PyNotifier) {
+        self.inner.unwatch(atom, &notifier.inner);
+    }
+
+    /// Forgets the atom's outcome; its unread output stays for the session's iterator.
+    fn release(&self, atom: u64) {
+        self.inner.release(atom);
+    }
+
+    /// Takes unread output of `atom` (None: of the whole session), waiting up to
+    /// `timeout` seconds for some. Returns `(chunks, ended)`, each chunk
+    /// `(atom, fd, bytes)` holding whole lines. Raises `SessionClosed` once a
+    /// stream cut by the session's death has been read to its end.
+    #[pyo3(signature = (atom=None, timeout=None))]
+    fn read_output<'py>(
+        &self,
+        py: Python<'py>,
+        atom: Option<u64>,
+        timeout: Option<f64>,
+    ) -> PyResult<(Bound<'py, PyList>, bool)> {
+        let s = &self.inner;
+        let got = blocking(py, seconds(timeout)?, |slice| {
+            match s.read_output(atom, Some(slice), OUTPUT_BATCH) {
+                Ok((chunks, false)) if chunks.is_empty() => None,
+                other => Some(other),
+            }
+        })?;
+        let (chunks, ended) = match got {
+            None => (Vec::new(), false),
+            Some(r) => r.map_err(|e| to_pyerr(py, e))?,
+        };
+        let items = chunks
+            .into_iter()
+            .map(|c| (c.atom, c.fd, PyBytes::new(py, &c.data)));
+        Ok((PyList::new(py, items)?, ended))
+    }
+
+    /// Log records received so far: `(level, timestamp_us, message, [(key, value), ...])`.
+    fn logs(&self) -> Vec<LogTuple> {
+        self.inner
+            .logs()
+            .into_iter()
+            .map(|l| (l.level, l.timestamp_us, l.message, l.fields))
+            .collect()
+    }
+
+    /// Ends the session and joins its thread (without the GIL). Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let s = &self.inner;
+        py.detach(|| s.close());
+    }
+
+    /// True once the session was closed or died.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Why the session is closed (the `SessionClosed` message), or None while open.
+    #[getter]
+    fn close_cause(&self) -> Option<String> {
+        self.inner.close_cause()
+    }
+
+    /// True while the session's native thread is running.
+    #[getter]
+    fn reader_alive(&self) -> bool {
+        self.inner.reader_alive()
+    }
+}
+
+/// Native half of the PyProxy client. Use the `pyproxy` package instead.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", pyproxy::protocol::PROTOCOL_VERSION)?;
+    m.add("CLIENT_NAME", session::CLIENT_NAME)?;
+    m.add_class::<PyConnection>()?;
+    m.add_class::<PyOutcome>()?;
+    m.add_class::<PyNotifier>()?;
     Ok(())
 }

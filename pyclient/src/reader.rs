@@ -1,0 +1,819 @@
+//! The session's one background thread: it reads both streams and routes
+//! frames into the session's [`State`], and never touches Python.
+//!
+//! It polls main-stream, output-stream and a wake pipe (written by `close`),
+//! reads whatever is available, cuts it into frames and files each one:
+//! `RESULT`/`ERROR` complete an atom (waking its watchers through their
+//! pipes), `OUTPUT`/`END_OF_OUTPUT`/`LOG` are stored as bytes. It holds no
+//! Python object and never attaches to the interpreter, so a Python thread
+//! that keeps the GIL for seconds cannot stall it: results keep arriving and
+//! the server is never blocked on a full socket.
+//!
+//! Any end — a read error, the peer closing, `GOODBYE`, an invalid frame, a
+//! `close()` or a panic here (caught) — is final: teardown fails every pending
+//! atom with the cause, closes the read sides, then the write sides, and the
+//! thread exits. Nothing is retried.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use pyproxy::protocol::{Frame, Kind, Message};
+
+use crate::error::code_name;
+use crate::notify::Pipe;
+use crate::session::{Completion, Death, LogRecord, Shared, State};
+
+/// Bytes read from a socket per `read` call.
+const READ_SIZE: usize = 256 * 1024;
+
+/// Why the reader thread stopped.
+#[derive(Debug)]
+pub(crate) enum Cause {
+    ClientClosed,
+    PeerClosed(&'static str),
+    Io(&'static str, io::Error),
+    Goodbye(String),
+    ServerError(String),
+    Protocol(String),
+    Panic(String),
+}
+
+impl Cause {
+    fn message(&self, label: &str) -> String {
+        match self {
+            Cause::ClientClosed => format!(
+                "{label} was closed by this client (close() was called); open a new \
+                 PyProxySession to run more atoms"
+            ),
+            Cause::PeerClosed(stream) => format!(
+                "{label} is closed: the server closed {stream} (it stopped, crashed or ended \
+                 the session); open a new PyProxySession"
+            ),
+            Cause::Io(stream, e) => format!(
+                "{label} is closed: reading {stream} failed ({e}); the network or the server \
+                 went away — open a new PyProxySession"
+            ),
+            Cause::Goodbye(reason) => format!(
+                "{label} is closed: the server said goodbye ({reason}); open a new \
+                 PyProxySession once the server is back"
+            ),
+            Cause::ServerError(m) => format!("{label} is closed: the server reported {m}"),
+            Cause::Protocol(m) => format!(
+                "{label} is closed: the server broke the protocol ({m}); check that client \
+                 and server versions match"
+            ),
+            Cause::Panic(m) => format!(
+                "{label} is closed: the client's reader thread crashed ({m}); this is a bug \
+                 in the pyproxy client — please report it, and open a new PyProxySession"
+            ),
+        }
+    }
+}
+
+/// Bytes read from one stream and not yet cut into frames.
+struct Inbox {
+    name: &'static str,
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl Inbox {
+    fn new(name: &'static str) -> Inbox {
+        Inbox {
+            name,
+            data: Vec::new(),
+            start: 0,
+        }
+    }
+
+    /// Every complete frame in the buffer.
+    fn frames(&mut self, max_frame: u32) -> Result<Vec<Frame>, Cause> {
+        let mut out = Vec::new();
+        loop {
+            match Frame::parse(&self.data[self.start..], max_frame) {
+                Ok(Some((frame, used))) => {
+                    self.start += used;
+                    out.push(frame);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Cause::Protocol(format!("{} on {}", e, self.name))),
+            }
+        }
+        if self.start == self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        } else if self.start > READ_SIZE {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    main: TcpStream,
+    out: TcpStream,
+    wake: Arc<Pipe>,
+    max_frame: u32,
+    session_id: u64,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        // /proc/self/task/*/comm shows at most 15 bytes.
+        .name(format!("pyproxy-{session_id}"))
+        .spawn(move || {
+            let result = panic::catch_unwind(AssertUnwindSafe(|| {
+                run(&shared, &main, &out, &wake, max_frame)
+            }));
+            let cause = result.unwrap_or_else(|payload| {
+                let text = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                Cause::Panic(text)
+            });
+            teardown(&shared, cause, &main, &out);
+        })
+}
+
+/// Fails the waiters, closes the read sides, closes the write sides; the
+/// session is dead when this returns, and the thread exits right after.
+fn teardown(shared: &Shared, cause: Cause, main: &TcpStream, out: &TcpStream) {
+    shared.trace(&format!("reader stopping: {cause:?}"));
+    {
+        let mut st = shared.lock();
+        if st.dead.is_none() {
+            st.dead = Some(Death {
+                message: cause.message(&shared.label),
+                by_client: matches!(cause, Cause::ClientClosed),
+            });
+        }
+        let message = st
+            .dead
+            .as_ref()
+            .map(|d| d.message.clone())
+            .unwrap_or_default();
+        let pending: Vec<u64> = st.pending.iter().copied().collect();
+        shared.trace(&format!("failing {} pending atom(s)", pending.len()));
+        for atom in pending {
+            st.complete(atom, Completion::Closed(message.clone()));
+        }
+    }
+    shared.changed.notify_all();
+    shared.trace("closing read sides");
+    let _ = main.shutdown(Shutdown::Read);
+    let _ = out.shutdown(Shutdown::Read);
+    shared.trace("closing write sides");
+    let _ = main.shutdown(Shutdown::Write);
+    let _ = out.shutdown(Shutdown::Write);
+    shared.trace("session dead; reader thread exiting");
+}
+
+fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_frame: u32) -> Cause {
+    let mut inboxes = [Inbox::new("main-stream"), Inbox::new("output-stream")];
+    let streams = [main, out];
+    let mut scratch = vec![0u8; READ_SIZE];
+    loop {
+        let mut fds = [
+            pollfd(main.as_raw_fd()),
+            pollfd(out.as_raw_fd()),
+            pollfd(wake.read.as_raw_fd()),
+        ];
+        // SAFETY: three valid pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Cause::Io("poll", e);
+        }
+        if fds[2].revents != 0 {
+            return Cause::ClientClosed;
+        }
+        for i in 0..2 {
+            if fds[i].revents == 0 {
+                continue;
+            }
+            let n = match (&mut &*streams[i]).read(&mut scratch) {
+                Ok(0) => return Cause::PeerClosed(inboxes[i].name),
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    continue
+                }
+                // A reset is the server going away with our requests unread.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Cause::PeerClosed(inboxes[i].name)
+                }
+                Err(e) => return Cause::Io(inboxes[i].name, e),
+            };
+            inboxes[i].data.extend_from_slice(&scratch[..n]);
+            let frames = match inboxes[i].frames(max_frame) {
+                Ok(f) => f,
+                Err(cause) => return cause,
+            };
+            if frames.is_empty() {
+                continue;
+            }
+            // One lock and one wake-up per read, however many frames it held.
+            let stop = {
+                let mut st = shared.lock();
+                let mut stop = None;
+                for frame in frames {
+                    let routed = if i == 0 {
+                        route_main(&mut st, frame)
+                    } else {
+                        route_output(&mut st, frame)
+                    };
+                    if let Err(cause) = routed {
+                        stop = Some(cause);
+                        break;
+                    }
+                }
+                stop
+            };
+            shared.changed.notify_all();
+            if let Some(cause) = stop {
+                return cause;
+            }
+        }
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+fn decode(frame: &Frame, stream: &str) -> Result<Message, Cause> {
+    Message::decode(frame)
+        .map_err(|e| Cause::Protocol(format!("undecodable {} on {stream}: {e}", frame.kind)))
+}
+
+fn route_main(st: &mut State, frame: Frame) -> Result<(), Cause> {
+    let atom = frame.request_id;
+    match decode(&frame, "main-stream")? {
+        Message::Result(r) => st.complete(atom, Completion::Result(r)),
+        Message::Error(e) if atom != 0 => st.complete(atom, Completion::Refused(e)),
+        Message::Error(e) => {
+            return Err(Cause::ServerError(format!(
+                "{}: {}",
+                code_name(e.code),
+                e.message
+            )))
+        }
+        other => {
+            return Err(Cause::Protocol(format!(
+                "unexpected {} on main-stream",
+                other.kind()
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn route_output(st: &mut State, frame: Frame) -> Result<(), Cause> {
+    let atom = frame.request_id;
+    // OUTPUT is the bulk of the traffic: take its bytes without a second copy.
+    if frame.kind == Kind::Output {
+        let Some((&fd, _)) = frame.payload.split_first() else {
+            return Err(Cause::Protocol("empty OUTPUT payload".into()));
+        };
+        if fd != 1 && fd != 2 {
+            return Err(Cause::Protocol(format!("OUTPUT for fd {fd}")));
+        }
+        let mut data = frame.payload;
+        data.remove(0);
+        st.push_output(atom, fd, data);
+        return Ok(());
+    }
+    match decode(&frame, "output-stream")? {
+        Message::EndOfOutput => st.end_output(atom),
+        Message::Log(l) => {
+            #[cfg(test)]
+            if l.message == tests::PANIC_LOG {
+                panic!("test hook: reader told to panic");
+            }
+            st.push_log(LogRecord {
+                level: l.level as u8,
+                timestamp_us: l.timestamp_us,
+                message: l.message,
+                fields: l.fields,
+            })
+        }
+        Message::Goodbye { reason } => return Err(Cause::Goodbye(reason)),
+        Message::Error(e) => {
+            return Err(Cause::ServerError(format!(
+                "{} on output-stream: {}",
+                code_name(e.code),
+                e.message
+            )))
+        }
+        other => {
+            return Err(Cause::Protocol(format!(
+                "unexpected {} on output-stream",
+                other.kind()
+            )))
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The reader's routing against an in-process peer that speaks the protocol
+    //! through the protocol crate: real sockets, real frames, no Python.
+
+    use super::*;
+    use crate::error::ClientError;
+    use crate::notify::Notifier;
+    use crate::session::{ConnectOptions, Session};
+    use pyproxy::protocol::{
+        auth, AtomKind, AtomResult, Challenge, ErrorCode, ErrorMsg, FailureOrigin, FrameReader,
+        FrameWriter, Limits, Log, LogLevel, Outcome, Output, RemoteException, Welcome,
+        DEFAULT_MAX_FRAME,
+    };
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    pub(crate) const PANIC_LOG: &str = "__pyproxy_test_panic__";
+    const TOKEN: &str = "unit-test-token";
+
+    /// The server side of one session, driven step by step by the test.
+    struct Peer {
+        main: TcpStream,
+        out: TcpStream,
+    }
+
+    impl Peer {
+        fn send_main(&self, msg: Message, id: u64) {
+            FrameWriter::new(&self.main)
+                .write_frame(&msg.to_frame(id))
+                .unwrap();
+        }
+        fn send_out(&self, msg: Message, id: u64) {
+            FrameWriter::new(&self.out)
+                .write_frame(&msg.to_frame(id))
+                .unwrap();
+        }
+        fn recv_main(&self) -> (u64, Message) {
+            let f = FrameReader::new(&self.main, DEFAULT_MAX_FRAME)
+                .read_frame()
+                .unwrap();
+            (f.request_id, Message::decode(&f).unwrap())
+        }
+    }
+
+    fn options(port: u16, token: Option<&str>) -> ConnectOptions {
+        ConnectOptions {
+            host: "localhost".into(),
+            port,
+            token: token.map(str::to_string),
+            token_source: "the unit test".into(),
+            backend: String::new(),
+            connect_timeout: Duration::from_secs(5),
+            implementation: "cpython".into(),
+            python_version: "3.13.0".into(),
+        }
+    }
+
+    /// Accepts one session on a fresh port; `server_token` is what the fake server proves with.
+    fn session_with(
+        server_token: &str,
+        client_token: Option<&str>,
+    ) -> (Result<Session, ClientError>, Option<Peer>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server_token = server_token.to_string();
+        let server = std::thread::spawn(move || {
+            let (main, _) = listener.accept().unwrap();
+            let nonce = [7u8; 32];
+            let peer_write = |s: &TcpStream, m: Message| {
+                FrameWriter::new(s).write_frame(&m.to_frame(0)).unwrap()
+            };
+            peer_write(
+                &main,
+                Message::Challenge(Challenge {
+                    protocol_version: pyproxy::protocol::PROTOCOL_VERSION,
+                    auth_required: true,
+                    server_nonce: nonce,
+                }),
+            );
+            let hello = match FrameReader::new(&main, DEFAULT_MAX_FRAME).read_frame() {
+                Ok(f) => Message::decode(&f).unwrap(),
+                Err(_) => return None,
+            };
+            let Message::Hello(hello) = hello else {
+                panic!("expected HELLO")
+            };
+            assert_eq!(hello.implementation, "cpython");
+            assert!(hello.client.starts_with("pyproxy-client "));
+            if !auth::verify_client_proof(
+                server_token.as_bytes(),
+                &nonce,
+                &hello.client_nonce,
+                &hello.proof,
+            ) {
+                peer_write(
+                    &main,
+                    Message::Error(ErrorMsg {
+                        code: ErrorCode::AuthFailed,
+                        message: "bad proof".into(),
+                    }),
+                );
+                return None;
+            }
+            peer_write(
+                &main,
+                Message::Welcome(Welcome {
+                    session_id: 42,
+                    attach_secret: [9; 32],
+                    server_proof: auth::server_proof(
+                        server_token.as_bytes(),
+                        &nonce,
+                        &hello.client_nonce,
+                    ),
+                    server_version: "0.1.0".into(),
+                    implementation: "cpython".into(),
+                    python_version: "3.13.0".into(),
+                    backend: "subinterp".into(),
+                    limits: Limits {
+                        max_frame: DEFAULT_MAX_FRAME,
+                        max_pipelined: 64,
+                        max_line: 65536,
+                        default_timeout_ms: None,
+                    },
+                }),
+            );
+            let (out, _) = listener.accept().unwrap();
+            peer_write(
+                &out,
+                Message::Challenge(Challenge {
+                    protocol_version: 1,
+                    auth_required: true,
+                    server_nonce: [8; 32],
+                }),
+            );
+            let f = FrameReader::new(&out, DEFAULT_MAX_FRAME)
+                .read_frame()
+                .unwrap();
+            let Message::Attach(a) = Message::decode(&f).unwrap() else {
+                panic!("expected ATTACH")
+            };
+            assert_eq!((a.session_id, a.secret), (42, [9; 32]));
+            peer_write(&out, Message::Attached { session_id: 42 });
+            Some(Peer { main, out })
+        });
+        let session = Session::connect(&options(port, client_token));
+        (session, server.join().unwrap())
+    }
+
+    fn connected() -> (Session, Peer) {
+        let (s, p) = session_with(TOKEN, Some(TOKEN));
+        (s.unwrap(), p.unwrap())
+    }
+
+    fn value(pickled: &[u8]) -> Message {
+        Message::Result(AtomResult {
+            duration_us: 5,
+            outcome: Outcome::Value {
+                pickled: pickled.to_vec(),
+            },
+        })
+    }
+
+    fn wait(s: &Session, atom: u64) -> Arc<Completion> {
+        s.wait(atom, Some(Duration::from_secs(5)))
+            .unwrap()
+            .expect("completed in time")
+    }
+
+    fn read_all(s: &Session, atom: Option<u64>) -> Result<Vec<Chunk>, ClientError> {
+        let mut all = Vec::new();
+        loop {
+            let (chunks, ended) = s.read_output(atom, Some(Duration::from_secs(5)), 1 << 20)?;
+            all.extend(chunks);
+            if ended {
+                return Ok(all);
+            }
+        }
+    }
+
+    use crate::session::Chunk;
+
+    #[test]
+    fn results_and_output_are_routed_to_their_atoms() {
+        let (s, peer) = connected();
+        assert_eq!(s.info.session_id, 42);
+        let a1 = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        let a2 = s
+            .submit(AtomKind::Source, b"2", None, None, Some(500))
+            .unwrap();
+        assert_eq!((a1, a2), (1, 2), "atom ids increase from 1");
+        let (id, m) = peer.recv_main();
+        assert_eq!(id, 1);
+        assert!(matches!(m, Message::Eval(ref e) if e.payload == b"1" && e.timeout_ms.is_none()));
+        let (id, m) = peer.recv_main();
+        assert!(id == 2 && matches!(m, Message::Eval(ref e) if e.timeout_ms == Some(500)));
+
+        peer.send_out(
+            Message::Output(Output {
+                fd: 1,
+                data: b"one\ntwo\n".to_vec(),
+            }),
+            1,
+        );
+        peer.send_out(
+            Message::Output(Output {
+                fd: 2,
+                data: b"err\n".to_vec(),
+            }),
+            2,
+        );
+        peer.send_out(
+            Message::Output(Output {
+                fd: 2,
+                data: b"three\n".to_vec(),
+            }),
+            1,
+        );
+        peer.send_out(Message::EndOfOutput, 1);
+        peer.send_main(value(b"v1"), 1);
+        peer.send_out(Message::EndOfOutput, 2);
+        peer.send_main(value(b"v2"), 2);
+
+        match &*wait(&s, 1) {
+            Completion::Result(AtomResult {
+                outcome: Outcome::Value { pickled },
+                ..
+            }) => assert_eq!(pickled, b"v1"),
+            other => panic!("{other:?}"),
+        }
+        let out1 = read_all(&s, Some(1)).unwrap();
+        assert_eq!(
+            out1.iter()
+                .map(|c| (c.fd, c.data.clone()))
+                .collect::<Vec<_>>(),
+            vec![(1, b"one\ntwo\n".to_vec()), (2, b"three\n".to_vec())]
+        );
+        assert!(matches!(&*wait(&s, 2), Completion::Result(_)));
+        // Atom 1's lines were delivered to its iterator; the session sees only atom 2's.
+        let (rest, ended) = s
+            .read_output(None, Some(Duration::from_millis(100)), 1 << 20)
+            .unwrap();
+        assert!(!ended);
+        assert_eq!(
+            rest,
+            vec![Chunk {
+                atom: 2,
+                fd: 2,
+                data: b"err\n".to_vec()
+            }]
+        );
+        s.close();
+        assert!(!s.reader_alive());
+    }
+
+    #[test]
+    fn exceptions_refusals_and_logs_arrive_as_data() {
+        let (s, peer) = connected();
+        let a = s
+            .submit(AtomKind::Source, b"1/0", None, None, None)
+            .unwrap();
+        let b = s.submit(AtomKind::Source, b"x", None, None, None).unwrap();
+        peer.send_out(
+            Message::Log(Log {
+                level: LogLevel::Info,
+                timestamp_us: 123,
+                message: "atom started".into(),
+                fields: vec![("atom".into(), "1".into())],
+            }),
+            0,
+        );
+        peer.send_main(
+            Message::Result(AtomResult {
+                duration_us: 1,
+                outcome: Outcome::Exception(RemoteException {
+                    origin: FailureOrigin::Raised,
+                    type_name: "builtins.ZeroDivisionError".into(),
+                    message: "division by zero".into(),
+                    traceback: "Traceback...".into(),
+                    pickled: None,
+                }),
+            }),
+            a,
+        );
+        peer.send_main(
+            Message::Error(ErrorMsg {
+                code: ErrorCode::LimitExceeded,
+                message: "too many".into(),
+            }),
+            b,
+        );
+        assert!(
+            matches!(&*wait(&s, a), Completion::Result(AtomResult { outcome: Outcome::Exception(e), .. }) if e.type_name == "builtins.ZeroDivisionError")
+        );
+        assert!(
+            matches!(&*wait(&s, b), Completion::Refused(e) if e.code == ErrorCode::LimitExceeded)
+        );
+        let logs = s.logs();
+        assert_eq!(logs.len(), 1);
+        assert_eq!(
+            (
+                logs[0].level,
+                logs[0].timestamp_us,
+                logs[0].message.as_str()
+            ),
+            (3, 123, "atom started")
+        );
+    }
+
+    #[test]
+    fn a_peer_that_closes_fails_pending_atoms_and_ends_the_thread() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        let notifier = Arc::new(Notifier::new().unwrap());
+        s.watch(a, &notifier, 77);
+        peer.send_out(
+            Message::Output(Output {
+                fd: 1,
+                data: b"partial\n".to_vec(),
+            }),
+            a,
+        );
+        // Let the line arrive before the hang-up, so we can check it is still delivered.
+        std::thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        drop(peer);
+        match &*wait(&s, a) {
+            Completion::Closed(m) => assert!(m.contains("the server closed"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            notifier.wait(Some(Duration::from_secs(1))).unwrap(),
+            vec![77]
+        );
+        // The delivered line comes out, then the iterator reports the death.
+        let (chunks, ended) = s
+            .read_output(Some(a), Some(Duration::from_secs(1)), 1 << 20)
+            .unwrap();
+        assert_eq!((chunks.len(), ended), (1, false));
+        assert!(matches!(
+            s.read_output(Some(a), Some(Duration::from_secs(1)), 1 << 20),
+            Err(ClientError::SessionClosed { .. })
+        ));
+        assert!(matches!(
+            s.submit(AtomKind::Source, b"1", None, None, None),
+            Err(ClientError::SessionClosed { .. })
+        ));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while s.reader_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!s.reader_alive(), "the reader thread exits on its own");
+    }
+
+    #[test]
+    fn goodbye_names_the_reason() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        peer.send_out(
+            Message::Goodbye {
+                reason: "server shutting down".into(),
+            },
+            0,
+        );
+        match &*wait(&s, a) {
+            Completion::Closed(m) => assert!(m.contains("server shutting down"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_reader_kills_only_the_session() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        peer.send_out(
+            Message::Log(Log {
+                level: LogLevel::Info,
+                timestamp_us: 0,
+                message: PANIC_LOG.into(),
+                fields: vec![],
+            }),
+            0,
+        );
+        match &*wait(&s, a) {
+            Completion::Closed(m) => assert!(m.contains("reader thread crashed"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        drop(peer);
+    }
+
+    #[test]
+    fn close_fails_pending_atoms_and_sends_close() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        let _ = peer.recv_main();
+        assert!(s.is_running(a));
+        assert!(s.cancel(a).unwrap());
+        assert!(matches!(peer.recv_main(), (_, Message::Cancel(c)) if c.target == a));
+        s.close();
+        assert!(matches!(peer.recv_main(), (_, Message::Close)));
+        assert!(
+            matches!(&*wait(&s, a), Completion::Closed(m) if m.contains("closed by this client"))
+        );
+        // After close the session's iterator ends normally; the atom's raises.
+        assert!(read_all(&s, None).unwrap().is_empty());
+        assert!(matches!(
+            read_all(&s, Some(a)),
+            Err(ClientError::SessionClosed { .. })
+        ));
+        assert!(!s.cancel(a).unwrap());
+        assert!(!s.reader_alive());
+    }
+
+    #[test]
+    fn a_main_stream_cut_from_our_side_is_noticed() {
+        let (s, _peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        // SAFETY: shutting down a socket we own; the fd stays valid.
+        unsafe { libc::shutdown(s.main_fd(), libc::SHUT_RDWR) };
+        assert!(matches!(&*wait(&s, a), Completion::Closed(_)));
+    }
+
+    #[test]
+    fn wrong_or_missing_token_is_an_auth_error() {
+        let (s, _) = session_with(TOKEN, Some("wrong"));
+        match s {
+            Err(ClientError::Auth(m)) => assert!(m.contains("refused the token"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        let (s, _) = session_with(TOKEN, None);
+        match s {
+            Err(ClientError::Auth(m)) => assert!(
+                m.contains("requires a token") && m.contains("the unit test"),
+                "{m}"
+            ),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn nothing_listening_is_a_connect_failure() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        match Session::connect(&options(port, None)) {
+            Err(e @ ClientError::ConnectFailed { .. }) => {
+                assert!(e.to_string().contains("is running"))
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn many_small_output_frames_are_all_kept_in_order() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        let n = 20_000;
+        for i in 0..n {
+            peer.send_out(
+                Message::Output(Output {
+                    fd: 1,
+                    data: format!("{i}\n").into_bytes(),
+                }),
+                a,
+            );
+        }
+        peer.send_out(Message::EndOfOutput, a);
+        peer.send_main(value(b"x"), a);
+        let got: Vec<u8> = read_all(&s, Some(a))
+            .unwrap()
+            .into_iter()
+            .flat_map(|c| c.data)
+            .collect();
+        let want: Vec<u8> = (0..n).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        assert_eq!(got, want);
+        assert!(matches!(&*wait(&s, a), Completion::Result(_)));
+    }
+}

@@ -1,0 +1,893 @@
+//! One PyProxy session seen from the client: the handshake on both streams,
+//! the table that the reader thread fills, and the calls a Python thread makes
+//! (submit, cancel, wait, read output, close).
+//!
+//! Nothing here touches Python. Requests are written from the calling thread
+//! under the `writer` mutex; responses are routed by the reader thread
+//! ([`crate::reader`]) into [`State`] as raw bytes, and callers block on the
+//! `changed` condvar. `lib.rs` wraps these calls and releases the GIL around
+//! every one that can block.
+//!
+//! Lock order: `writer` before `state`. The reader thread only ever takes `state`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pyproxy::protocol::{
+    auth, AtomKind, AtomResult, Attach, Cancel, ErrorCode, ErrorMsg, Eval, Frame, FrameReader,
+    FrameWriter, Hello, Kind, Limits, Message, DEFAULT_MAX_FRAME, HEADER_SIZE, NONCE_LEN,
+    PROTOCOL_VERSION,
+};
+
+use crate::error::{ClientError, Result};
+use crate::notify::{Notifier, Pipe};
+use crate::reader;
+
+/// The client's name and version, sent in `HELLO` for the server's log.
+pub const CLIENT_NAME: &str = concat!("pyproxy-client ", env!("CARGO_PKG_VERSION"));
+
+/// Log records kept per session; older ones are dropped first.
+pub const MAX_LOGS: usize = 10_000;
+
+/// What `connect` needs to know.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    pub host: String,
+    pub port: u16,
+    pub token: Option<String>,
+    /// Where the token came from, or where the client looked when there is none,
+    /// so an auth failure can say it.
+    pub token_source: String,
+    /// Requested backend, empty for the server's default.
+    pub backend: String,
+    /// Deadline for TCP connect plus both handshakes.
+    pub connect_timeout: Duration,
+    pub implementation: String,
+    pub python_version: String,
+}
+
+/// What the server told us in `WELCOME`.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    pub session_id: u64,
+    pub server_version: String,
+    pub implementation: String,
+    pub python_version: String,
+    pub backend: String,
+    pub limits: Limits,
+    pub peer: SocketAddr,
+}
+
+/// How an atom ended, as received: bytes only, decoded by the waiting caller.
+#[derive(Debug)]
+pub enum Completion {
+    Result(AtomResult),
+    /// The server answered the `EVAL` with `ERROR`.
+    Refused(ErrorMsg),
+    /// The session died before a `RESULT` came; the text is the cause.
+    Closed(String),
+}
+
+/// Whole lines one atom wrote to one fd, as one `OUTPUT` frame carried them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub atom: u64,
+    pub fd: u8,
+    pub data: Vec<u8>,
+}
+
+/// A `LOG` record, undecoded until someone asks for it.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub level: u8,
+    pub timestamp_us: u64,
+    pub message: String,
+    pub fields: Vec<(String, String)>,
+}
+
+/// Per-atom bookkeeping while the atom's future is alive.
+#[derive(Default)]
+pub(crate) struct Slot {
+    /// Set exactly once, by the reader thread or by teardown.
+    pub done: Option<Arc<Completion>>,
+    /// Notified once when `done` is set; empty afterwards.
+    pub watchers: Vec<(Arc<Notifier>, u64)>,
+}
+
+/// An atom's unread output: sequence numbers into `State::output`, oldest first.
+#[derive(Default)]
+pub(crate) struct AtomOutput {
+    pub seqs: VecDeque<u64>,
+    /// `END_OF_OUTPUT` arrived: no more chunks will be added.
+    pub ended: bool,
+    /// The atom's future is gone: drop this entry once it is ended and read.
+    pub released: bool,
+}
+
+/// Why the session is dead.
+#[derive(Clone, Debug)]
+pub(crate) struct Death {
+    /// The full `SessionClosed` message.
+    pub message: String,
+    /// True when this client called `close()`: iterators over the whole
+    /// session then end normally instead of raising.
+    pub by_client: bool,
+}
+
+/// Everything the reader thread writes and callers read.
+#[derive(Default)]
+pub(crate) struct State {
+    pub next_atom: u64,
+    /// Atoms whose future is alive (released ones are removed).
+    pub atoms: HashMap<u64, Slot>,
+    /// Atoms sent that have no completion yet, in send order; the first one is running.
+    pub pending: BTreeSet<u64>,
+    /// Unread output of the whole session, keyed by arrival order. Every line is
+    /// delivered once: to the atom's iterator or to the session's, whichever reads it.
+    pub output: BTreeMap<u64, Chunk>,
+    pub next_seq: u64,
+    pub atom_output: HashMap<u64, AtomOutput>,
+    pub logs: VecDeque<LogRecord>,
+    /// Set once, when the session dies; never cleared.
+    pub dead: Option<Death>,
+}
+
+impl State {
+    /// Records an atom's completion and wakes its watchers. Later completions are ignored.
+    pub fn complete(&mut self, atom: u64, completion: Completion) {
+        self.pending.remove(&atom);
+        if let Some(slot) = self.atoms.get_mut(&atom) {
+            if slot.done.is_none() {
+                slot.done = Some(Arc::new(completion));
+                for (notifier, token) in slot.watchers.drain(..) {
+                    notifier.notify(token);
+                }
+            }
+        }
+    }
+
+    pub fn push_output(&mut self, atom: u64, fd: u8, data: Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.output.insert(seq, Chunk { atom, fd, data });
+        self.atom_output
+            .entry(atom)
+            // Output for an atom this client never sent: nobody will release it.
+            .or_insert_with(|| AtomOutput {
+                released: true,
+                ..AtomOutput::default()
+            })
+            .seqs
+            .push_back(seq);
+    }
+
+    pub fn end_output(&mut self, atom: u64) {
+        let entry = self.atom_output.entry(atom).or_insert_with(|| AtomOutput {
+            released: true,
+            ..AtomOutput::default()
+        });
+        entry.ended = true;
+        self.forget_output_if_finished(atom);
+    }
+
+    pub fn push_log(&mut self, record: LogRecord) {
+        if self.logs.len() == MAX_LOGS {
+            self.logs.pop_front();
+        }
+        self.logs.push_back(record);
+    }
+
+    fn forget_output_if_finished(&mut self, atom: u64) {
+        if let Some(o) = self.atom_output.get(&atom) {
+            if o.released && o.ended && o.seqs.is_empty() {
+                self.atom_output.remove(&atom);
+            }
+        }
+    }
+
+    /// Takes up to `max_bytes` (at least one chunk) of `atom`'s unread output.
+    fn take_atom_output(&mut self, atom: u64, max_bytes: usize) -> Vec<Chunk> {
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        let Some(o) = self.atom_output.get_mut(&atom) else {
+            return taken;
+        };
+        while bytes < max_bytes {
+            let Some(seq) = o.seqs.pop_front() else { break };
+            if let Some(chunk) = self.output.remove(&seq) {
+                bytes += chunk.data.len();
+                taken.push(chunk);
+            }
+        }
+        taken
+    }
+
+    /// Takes up to `max_bytes` (at least one chunk) of the session's unread output.
+    fn take_session_output(&mut self, max_bytes: usize) -> Vec<Chunk> {
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_bytes {
+            let Some((seq, chunk)) = self.output.pop_first() else {
+                break;
+            };
+            let atom = chunk.atom;
+            if let Some(o) = self.atom_output.get_mut(&atom) {
+                // Sequence numbers grow, so this chunk is the front of its atom's queue.
+                if o.seqs.front() == Some(&seq) {
+                    o.seqs.pop_front();
+                } else {
+                    o.seqs.retain(|s| *s != seq);
+                }
+            }
+            self.forget_output_if_finished(atom);
+            bytes += chunk.data.len();
+            taken.push(chunk);
+        }
+        taken
+    }
+}
+
+/// State shared by the reader thread and every caller.
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    /// Notified whenever anything in `state` changes.
+    pub changed: Condvar,
+    /// "session 7 at 127.0.0.1:9000", the prefix of messages about this session.
+    pub label: String,
+    /// `PYPROXY_DEBUG` is set: trace teardown steps on stderr.
+    pub debug: bool,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic in the reader thread is caught and turned into a dead session;
+        // the data behind a poisoned lock is still consistent enough to fail waiters.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn trace(&self, step: &str) {
+        if self.debug {
+            eprintln!("pyproxy: {}: {step}", self.label);
+        }
+    }
+}
+
+/// A connected session. Dropping it closes it.
+pub struct Session {
+    pub info: SessionInfo,
+    pub(crate) shared: Arc<Shared>,
+    /// The main-stream, for writing requests; the reader thread has its own handle.
+    writer: Mutex<TcpStream>,
+    /// Written once by `close` to wake the reader thread.
+    wake: Arc<Pipe>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    close_requested: AtomicBool,
+}
+
+fn deadline_left(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Reads one frame with the handshake deadline applied.
+fn read_handshake_frame(
+    stream: &TcpStream,
+    deadline: Instant,
+    address: &str,
+    timeout: Duration,
+    stream_name: &str,
+) -> Result<Message> {
+    let timed_out = || ClientError::ConnectFailed {
+        address: address.to_string(),
+        reason: format!(
+            "the handshake on {stream_name} did not complete within connect_timeout={:.1}s",
+            timeout.as_secs_f64()
+        ),
+    };
+    let left = deadline_left(deadline).ok_or_else(timed_out)?;
+    stream
+        .set_read_timeout(Some(left))
+        .map_err(|e| ClientError::ConnectFailed {
+            address: address.to_string(),
+            reason: e.to_string(),
+        })?;
+    let frame = FrameReader::new(stream, DEFAULT_MAX_FRAME)
+        .read_frame()
+        .map_err(|e| match e {
+            pyproxy::protocol::Error::Io(ref io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                timed_out()
+            }
+            e if e.is_disconnect() || matches!(e, pyproxy::protocol::Error::Truncated { .. }) => {
+                ClientError::ConnectFailed {
+                    address: address.to_string(),
+                    reason: format!("the server closed {stream_name} during the handshake ({e})"),
+                }
+            }
+            e => ClientError::Protocol(format!(
+                "the server at {address} sent an invalid frame on {stream_name} during the \
+                 handshake: {e}; is it a PyProxy server of a compatible version?"
+            )),
+        })?;
+    Message::decode(&frame).map_err(|e| {
+        ClientError::Protocol(format!(
+            "the server at {address} sent an undecodable {} on {stream_name}: {e}",
+            frame.kind
+        ))
+    })
+}
+
+fn write_handshake(stream: &TcpStream, frame: &Frame, address: &str) -> Result<()> {
+    FrameWriter::new(stream)
+        .write_frame(frame)
+        .map_err(|e| ClientError::ConnectFailed {
+            address: address.to_string(),
+            reason: format!("could not send {}: {e}", frame.kind),
+        })
+}
+
+fn connect_tcp(opts: &ConnectOptions, deadline: Instant, address: &str) -> Result<TcpStream> {
+    let addrs: Vec<SocketAddr> = (opts.host.as_str(), opts.port)
+        .to_socket_addrs()
+        .map_err(|e| ClientError::ConnectFailed {
+            address: address.to_string(),
+            reason: format!("cannot resolve host {:?}: {e}", opts.host),
+        })?
+        .collect();
+    let mut last = None;
+    // "localhost" may resolve to ::1 first while the server listens on 127.0.0.1.
+    for addr in &addrs {
+        let Some(left) = deadline_left(deadline) else {
+            break;
+        };
+        match TcpStream::connect_timeout(addr, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(format!("{addr}: {e}")),
+        }
+    }
+    Err(ClientError::ConnectFailed {
+        address: address.to_string(),
+        reason: last.unwrap_or_else(|| {
+            if addrs.is_empty() {
+                format!("host {:?} resolved to no address", opts.host)
+            } else {
+                format!(
+                    "no connection within connect_timeout={:.1}s",
+                    opts.connect_timeout.as_secs_f64()
+                )
+            }
+        }),
+    })
+}
+
+fn refused(code: ErrorCode, message: String, opts: &ConnectOptions, address: &str) -> ClientError {
+    match code {
+        ErrorCode::AuthFailed => ClientError::Auth(format!(
+            "the server at {address} refused the token from {} ({message}); use the token \
+             the server wrote to its token file (see docs/operations.md), via token= or \
+             PYPROXY_TOKEN",
+            opts.token_source
+        )),
+        ErrorCode::VersionMismatch => ClientError::VersionMismatch(format!(
+            "the server at {address} refused this client's version ({message}); install \
+             matching pyproxy client and server versions"
+        )),
+        code => ClientError::Refused { code, message },
+    }
+}
+
+impl Session {
+    /// Opens main-stream and output-stream, completes both handshakes and starts
+    /// the reader thread. Blocks; the caller releases the GIL around it.
+    pub fn connect(opts: &ConnectOptions) -> Result<Session> {
+        let start = Instant::now();
+        let deadline = start + opts.connect_timeout;
+        let address = if opts.host.contains(':') {
+            format!("[{}]:{}", opts.host, opts.port)
+        } else {
+            format!("{}:{}", opts.host, opts.port)
+        };
+
+        // main-stream: CHALLENGE, HELLO, WELCOME.
+        let main = connect_tcp(opts, deadline, &address)?;
+        let peer = main.peer_addr().map_err(|e| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+        let challenge = match read_handshake_frame(
+            &main,
+            deadline,
+            &address,
+            opts.connect_timeout,
+            "main-stream",
+        )? {
+            Message::Challenge(c) => c,
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "the server at {address} opened with {} instead of CHALLENGE; is it a \
+                     PyProxy server?",
+                    other.kind()
+                )))
+            }
+        };
+        if challenge.protocol_version != PROTOCOL_VERSION {
+            return Err(ClientError::VersionMismatch(format!(
+                "the server at {address} speaks PyProxy protocol version {}, this client \
+                 speaks version {PROTOCOL_VERSION}; install matching pyproxy client and server \
+                 versions",
+                challenge.protocol_version
+            )));
+        }
+        let client_nonce = auth::random_nonce().map_err(|e| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: format!("no random bytes for the handshake nonce: {e}"),
+        })?;
+        let proof = if challenge.auth_required {
+            let Some(token) = &opts.token else {
+                return Err(ClientError::Auth(format!(
+                    "the server at {address} requires a token and none was found ({}); pass \
+                     token=..., set PYPROXY_TOKEN, or make the server's token file readable",
+                    opts.token_source
+                )));
+            };
+            auth::client_proof(token.as_bytes(), &challenge.server_nonce, &client_nonce)
+        } else {
+            [0u8; NONCE_LEN]
+        };
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_nonce,
+            proof,
+            implementation: opts.implementation.clone(),
+            python_version: opts.python_version.clone(),
+            backend: opts.backend.clone(),
+            client: CLIENT_NAME.to_string(),
+        });
+        write_handshake(&main, &hello.to_frame(0), &address)?;
+        let welcome = match read_handshake_frame(
+            &main,
+            deadline,
+            &address,
+            opts.connect_timeout,
+            "main-stream",
+        )? {
+            Message::Welcome(w) => w,
+            Message::Error(e) => return Err(refused(e.code, e.message, opts, &address)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "the server at {address} answered HELLO with {} instead of WELCOME",
+                    other.kind()
+                )))
+            }
+        };
+        if challenge.auth_required {
+            let token = opts.token.as_deref().unwrap_or_default();
+            if !auth::verify_server_proof(
+                token.as_bytes(),
+                &challenge.server_nonce,
+                &client_nonce,
+                &welcome.server_proof,
+            ) {
+                return Err(ClientError::Auth(format!(
+                    "the server at {address} could not prove it knows the token (its WELCOME \
+                     proof does not verify); it is not the server the token belongs to, so \
+                     this client refuses it"
+                )));
+            }
+        }
+
+        // output-stream: CHALLENGE (ignored), ATTACH, ATTACHED.
+        let out = TcpStream::connect_timeout(
+            &peer,
+            deadline_left(deadline).unwrap_or(Duration::from_millis(1)),
+        )
+        .map_err(|e| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: format!("could not open output-stream to {peer}: {e}"),
+        })?;
+        match read_handshake_frame(
+            &out,
+            deadline,
+            &address,
+            opts.connect_timeout,
+            "output-stream",
+        )? {
+            Message::Challenge(_) => {}
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "the server at {address} opened output-stream with {} instead of CHALLENGE",
+                    other.kind()
+                )))
+            }
+        }
+        let attach = Message::Attach(Attach {
+            session_id: welcome.session_id,
+            secret: welcome.attach_secret,
+        });
+        write_handshake(&out, &attach.to_frame(0), &address)?;
+        match read_handshake_frame(
+            &out,
+            deadline,
+            &address,
+            opts.connect_timeout,
+            "output-stream",
+        )? {
+            Message::Attached { session_id } if session_id == welcome.session_id => {}
+            Message::Attached { session_id } => {
+                return Err(ClientError::Protocol(format!(
+                    "the server at {address} attached output-stream to session {session_id}, \
+                     not {}",
+                    welcome.session_id
+                )))
+            }
+            Message::Error(e) => return Err(refused(e.code, e.message, opts, &address)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "the server at {address} answered ATTACH with {} instead of ATTACHED",
+                    other.kind()
+                )))
+            }
+        }
+
+        let io_err = |e: io::Error| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: e.to_string(),
+        };
+        for s in [&main, &out] {
+            s.set_read_timeout(None).map_err(io_err)?;
+            s.set_nodelay(true).map_err(io_err)?;
+        }
+        let info = SessionInfo {
+            session_id: welcome.session_id,
+            server_version: welcome.server_version,
+            implementation: welcome.implementation,
+            python_version: welcome.python_version,
+            backend: welcome.backend,
+            limits: welcome.limits,
+            peer,
+        };
+        Session::start(info, main, out).map_err(io_err)
+    }
+
+    /// Starts the reader thread over two connected, attached streams.
+    pub(crate) fn start(info: SessionInfo, main: TcpStream, out: TcpStream) -> io::Result<Session> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                next_atom: 1,
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            label: format!("session {} at {}", info.session_id, info.peer),
+            debug: std::env::var_os("PYPROXY_DEBUG").is_some_and(|v| !v.is_empty()),
+        });
+        let wake = Arc::new(Pipe::new()?);
+        let writer = main.try_clone()?;
+        // Frames from the server may be as large as the ones it accepts.
+        let max_frame = info.limits.max_frame.max(DEFAULT_MAX_FRAME);
+        let thread = reader::spawn(
+            shared.clone(),
+            main,
+            out,
+            wake.clone(),
+            max_frame,
+            info.session_id,
+        )?;
+        Ok(Session {
+            info,
+            shared,
+            writer: Mutex::new(writer),
+            wake,
+            thread: Mutex::new(Some(thread)),
+            close_requested: AtomicBool::new(false),
+        })
+    }
+
+    fn closed_error(&self, state: &State) -> ClientError {
+        ClientError::SessionClosed {
+            cause: state
+                .dead
+                .as_ref()
+                .map(|d| d.message.clone())
+                .unwrap_or_else(|| format!("{} is closed", self.shared.label)),
+        }
+    }
+
+    /// Sends an atom and returns its id. The slot exists before the bytes leave,
+    /// so a `RESULT` can never arrive for an atom the table does not know.
+    pub fn submit(
+        &self,
+        kind: AtomKind,
+        payload: &[u8],
+        globals: Option<&[u8]>,
+        locals: Option<&[u8]>,
+        timeout_ms: Option<u64>,
+    ) -> Result<u64> {
+        let size =
+            payload.len() + globals.map_or(0, <[u8]>::len) + locals.map_or(0, <[u8]>::len) + 64;
+        let max = self.info.limits.max_frame;
+        if size + HEADER_SIZE > max as usize {
+            return Err(ClientError::TooLarge { size, max });
+        }
+        let eval = Message::Eval(Eval {
+            kind,
+            payload: payload.to_vec(),
+            globals: globals.map(<[u8]>::to_vec),
+            locals: locals.map(<[u8]>::to_vec),
+            timeout_ms,
+        });
+        let body = eval.encode_payload();
+        // Holding the writer while taking the id keeps ids increasing on the wire.
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let atom = {
+            let mut st = self.shared.lock();
+            if st.dead.is_some() || self.close_requested.load(Ordering::SeqCst) {
+                return Err(self.closed_error(&st));
+            }
+            let atom = st.next_atom;
+            st.next_atom += 1;
+            st.atoms.insert(atom, Slot::default());
+            st.atom_output.insert(atom, AtomOutput::default());
+            st.pending.insert(atom);
+            atom
+        };
+        if let Err(e) =
+            pyproxy::protocol::frame::write_frame_parts(&mut *writer, Kind::Eval, atom, &body)
+                .and_then(|()| writer.flush().map_err(Into::into))
+        {
+            drop(writer);
+            self.fail_write(&e.to_string());
+            let st = self.shared.lock();
+            return Err(self.closed_error(&st));
+        }
+        Ok(atom)
+    }
+
+    /// A write failed: the session is dead. Shut the socket so the reader
+    /// thread notices at once and tears everything down with this cause.
+    fn fail_write(&self, reason: &str) {
+        {
+            let mut st = self.shared.lock();
+            if st.dead.is_none() {
+                st.dead = Some(Death {
+                    message: format!(
+                        "{} is closed: sending to the server failed ({reason}); open a new \
+                         PyProxySession",
+                        self.shared.label
+                    ),
+                    by_client: false,
+                });
+            }
+        }
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writer.shutdown(Shutdown::Both);
+    }
+
+    /// Sends `CANCEL` for an atom that has not finished. True if it was sent.
+    pub fn cancel(&self, atom: u64) -> Result<bool> {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let st = self.shared.lock();
+            if st.dead.is_some() || !st.pending.contains(&atom) {
+                return Ok(false);
+            }
+        }
+        let frame = Message::Cancel(Cancel { target: atom }).to_frame(atom);
+        if let Err(e) = FrameWriter::new(&mut *writer).write_frame(&frame) {
+            drop(writer);
+            self.fail_write(&e.to_string());
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The atom's completion, waiting up to `timeout` (`None`: without limit).
+    /// `Ok(None)`: the time ran out first.
+    pub fn wait(&self, atom: u64, timeout: Option<Duration>) -> Result<Option<Arc<Completion>>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.shared.lock();
+        loop {
+            match st.atoms.get(&atom) {
+                None => {
+                    return Err(ClientError::Protocol(format!(
+                        "atom {atom} is not known to {} (was its future released?)",
+                        self.shared.label
+                    )))
+                }
+                Some(slot) => {
+                    if let Some(done) = &slot.done {
+                        return Ok(Some(done.clone()));
+                    }
+                }
+            }
+            st = match deadline {
+                None => self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let Some(left) = deadline_left(d) else {
+                        return Ok(None);
+                    };
+                    self.shared
+                        .changed
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    pub fn is_done(&self, atom: u64) -> bool {
+        let st = self.shared.lock();
+        st.atoms.get(&atom).is_none_or(|s| s.done.is_some())
+    }
+
+    /// True while the atom is the oldest unfinished one: the server runs a
+    /// session's atoms one at a time, in order, so it is running (or about to).
+    pub fn is_running(&self, atom: u64) -> bool {
+        let st = self.shared.lock();
+        st.pending.first() == Some(&atom)
+    }
+
+    /// Notifies `notifier` with `token` when the atom completes (at once if it has).
+    pub fn watch(&self, atom: u64, notifier: &Arc<Notifier>, token: u64) {
+        let mut st = self.shared.lock();
+        match st.atoms.get_mut(&atom) {
+            Some(slot) if slot.done.is_none() => slot.watchers.push((notifier.clone(), token)),
+            _ => notifier.notify(token),
+        }
+    }
+
+    pub fn unwatch(&self, atom: u64, notifier: &Arc<Notifier>) {
+        let mut st = self.shared.lock();
+        if let Some(slot) = st.atoms.get_mut(&atom) {
+            slot.watchers.retain(|(n, _)| !Arc::ptr_eq(n, notifier));
+        }
+    }
+
+    /// The atom's future is gone: forget its result, and its output once read.
+    pub fn release(&self, atom: u64) {
+        let mut st = self.shared.lock();
+        st.atoms.remove(&atom);
+        if let Some(o) = st.atom_output.get_mut(&atom) {
+            o.released = true;
+        }
+        st.forget_output_if_finished(atom);
+    }
+
+    /// Takes unread output: of one atom, or of the whole session.
+    ///
+    /// Waits up to `timeout` for some. Returns the chunks and whether the stream
+    /// has ended (the atom's `END_OF_OUTPUT` came and all was read; or, for the
+    /// session, it was closed by this client and all was read). A stream cut by
+    /// the session's death raises `SessionClosed` once everything delivered was read.
+    pub fn read_output(
+        &self,
+        atom: Option<u64>,
+        timeout: Option<Duration>,
+        max_bytes: usize,
+    ) -> Result<(Vec<Chunk>, bool)> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.shared.lock();
+        loop {
+            let chunks = match atom {
+                Some(a) => st.take_atom_output(a, max_bytes),
+                None => st.take_session_output(max_bytes),
+            };
+            let drained = match atom {
+                Some(a) => st.atom_output.get(&a).is_none_or(|o| o.seqs.is_empty()),
+                None => st.output.is_empty(),
+            };
+            let ended = drained
+                && match atom {
+                    // A released atom's entry vanishes once it is ended and read.
+                    Some(a) => st.atom_output.get(&a).is_none_or(|o| o.ended),
+                    None => st.dead.as_ref().is_some_and(|d| d.by_client),
+                };
+            if !chunks.is_empty() || ended {
+                return Ok((chunks, ended));
+            }
+            if st.dead.is_some() {
+                return Err(self.closed_error(&st));
+            }
+            st = match deadline {
+                None => self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let Some(left) = deadline_left(d) else {
+                        return Ok((Vec::new(), false));
+                    };
+                    self.shared
+                        .changed
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    pub fn logs(&self) -> Vec<LogRecord> {
+        self.shared.lock().logs.iter().cloned().collect()
+    }
+
+    /// The `SessionClosed` message if the session is dead.
+    pub fn close_cause(&self) -> Option<String> {
+        self.shared.lock().dead.as_ref().map(|d| d.message.clone())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.close_requested.load(Ordering::SeqCst) || self.shared.lock().dead.is_some()
+    }
+
+    /// True while the reader thread has not exited.
+    pub fn reader_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// Ends the session: sends `CLOSE` if the stream is free, wakes the reader
+    /// thread so it fails whatever is pending, and joins it. Idempotent.
+    pub fn close(&self) {
+        if !self.close_requested.swap(true, Ordering::SeqCst) {
+            // A writer stuck on a full socket must not keep close() waiting:
+            // without the lock, skip CLOSE; the server ends the session when
+            // the streams close anyway.
+            if let Ok(mut writer) = self.writer.try_lock() {
+                let alive = self.shared.lock().dead.is_none();
+                if alive {
+                    let _ = writer.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = FrameWriter::new(&mut *writer).write_frame(&Message::Close.to_frame(0));
+                }
+            }
+            self.shared
+                .trace("close() called: waking the reader thread");
+            self.wake.signal();
+        }
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+            self.shared.trace("reader thread joined");
+        }
+    }
+
+    /// Raw fd of the main-stream (tests use it to cut the connection).
+    #[cfg(test)]
+    pub(crate) fn main_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Session>();
+}
