@@ -1,6 +1,61 @@
-//! `pyproxy-server`: see `pyproxy-server --help`.
+//! `pyproxy-server`: see `pyproxy-server --help` and `docs/operations.md`.
+//!
+//! The only place that formats an error for a human and picks an exit code:
+//! 0 after a clean shutdown, 2 for a usage error, 1 for any other failure.
+//! Start-up order matters: the engine initialises CPython on this thread
+//! before any other thread exists, then we bind, then print the one stdout
+//! line clients and tests wait for.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use clap::Parser;
+use slog::o;
+
+use pyproxy::engine::Engine;
+use pyproxy::server::listener::SignalThread;
+use pyproxy::server::logging::{build_logger, LogRoutes};
+use pyproxy::server::{token, Backend, Cli, Server, ServerError};
 
 fn main() {
-    eprintln!("pyproxy-server: the server is not built yet (issue 3)");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("pyproxy-server: error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+fn run(cli: Cli) -> Result<(), ServerError> {
+    let env_token = std::env::var_os("PYPROXY_TOKEN").is_some();
+    let config = cli.into_config(env_token)?;
+    let routes = LogRoutes::new();
+    let log = build_logger(config.log_format, config.log_level, Arc::clone(&routes));
+    let token = token::resolve(&config.token_source)?;
+
+    let engine = Engine::start(config.engine.clone(), log.new(o!("component" => "engine")))
+        .map_err(|e| ServerError::Engine(e.to_string()))?;
+    let backend: Arc<dyn Backend> = Arc::new(engine);
+
+    let server = match Server::bind(&config, token, Arc::clone(&backend), log.clone(), routes) {
+        Ok(s) => s,
+        Err(e) => {
+            backend.shutdown(config.limits.shutdown_grace);
+            return Err(e);
+        }
+    };
+    let (signals, signal_rx) = match SignalThread::install() {
+        Ok(s) => s,
+        Err(e) => {
+            backend.shutdown(config.limits.shutdown_grace);
+            return Err(e);
+        }
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "pyproxy-server listening on {}", server.local_addr())?;
+        out.flush()?;
+    }
+    let result = server.run(signal_rx);
+    signals.stop();
+    result
 }

@@ -1,0 +1,944 @@
+//! One PyProxy session on the server: its two streams, its threads, the sink
+//! the engine delivers through, and its teardown.
+//!
+//! The main-stream's connection thread owns the session: it reads requests
+//! until the session ends, then tears everything down in a fixed order. Every
+//! other party that can end a session — the output-stream watcher, the
+//! attach-deadline sweep, server shutdown, a writer that hits a dead socket —
+//! calls [`Session::end`], which records the first reason and shuts the
+//! main-stream's read side, so the owner wakes up and does the teardown. One
+//! owner, one teardown path.
+//!
+//! Threads of a session (all counted in its [`ThreadGroup`]):
+//! - owner: reads main-stream frames; ends at the first end reason.
+//! - main writer: `main_rx` → main-stream (WELCOME is written before it starts).
+//! - output writer: output, log and goodbye queues → output-stream; spawned at ATTACH.
+//! - output watcher: the output-stream's connection thread, reading to detect a close.
+//!
+//! Writers stop when the session's `ended` channel disconnects (its only
+//! sender is dropped by `end`): they drain what is queued, then return.
+
+use std::collections::HashSet;
+use std::io::{BufReader, BufWriter};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{bounded, Receiver, Sender};
+use crossbeam::select;
+use slog::{debug, info, o, warn, Logger};
+
+use crate::engine::{AtomRequest, SessionSink};
+use crate::protocol::{
+    self, auth, AtomKind, AtomResult, ErrorCode, ErrorMsg, FailureOrigin, Frame, FrameReader,
+    FrameWriter, Hello, Message, Outcome, Output, RemoteException, NONCE_LEN,
+};
+
+use super::handshake::Challenger;
+use super::listener::Shared;
+use super::registry::{AttachRefused, ConnSlot};
+use super::threads::{GroupHandle, Never, ThreadGroup};
+use super::BackendSession;
+
+/// Output is queued in pieces of at most this many bytes (whole lines, unless
+/// a line is longer), so the queue's capacity bounds its memory.
+pub const OUTPUT_PIECE: usize = 64 * 1024;
+/// RESULT frames queued for the main writer before the engine waits.
+const MAIN_QUEUE: usize = 16;
+/// LOG frames queued per session; past this, log records skip the session.
+const LOG_QUEUE: usize = 1024;
+/// How long teardown lets writers drain what is queued before cutting the sockets.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long teardown waits for the session's threads after cutting the sockets.
+const THREAD_WAIT: Duration = Duration::from_secs(10);
+
+type Reader = FrameReader<BufReader<TcpStream>>;
+type Writer = FrameWriter<BufWriter<TcpStream>>;
+
+/// Why a session ended. The first reason recorded wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client sent CLOSE.
+    ClientClosed,
+    MainStreamClosed,
+    OutputStreamClosed,
+    /// A stream failed (not a clean close).
+    StreamError(String),
+    /// The client broke the protocol; the text was sent in an ERROR.
+    ProtocolError(String),
+    /// The output-stream did not attach within `--attach-timeout`.
+    AttachTimeout,
+    ServerShutdown,
+    /// The engine could not serve the session.
+    EngineFailed(String),
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::ClientClosed => write!(f, "client sent CLOSE"),
+            EndReason::MainStreamClosed => write!(f, "main-stream closed by the client"),
+            EndReason::OutputStreamClosed => write!(f, "output-stream closed by the client"),
+            EndReason::StreamError(e) => write!(f, "stream failed: {e}"),
+            EndReason::ProtocolError(e) => write!(f, "protocol error: {e}"),
+            EndReason::AttachTimeout => write!(f, "output-stream did not attach in time"),
+            EndReason::ServerShutdown => write!(f, "server shutting down"),
+            EndReason::EngineFailed(e) => write!(f, "engine failed: {e}"),
+        }
+    }
+}
+
+/// Where a session is in its life. Transitions only forward, under `state`.
+enum State {
+    /// Before ATTACH: the output-side receivers wait here for the writer, and
+    /// atoms are held (not yet submitted) so none of their output can be lost.
+    AwaitingAttach {
+        out_rx: Receiver<Frame>,
+        log_rx: Receiver<Frame>,
+        goodbye_rx: Receiver<Frame>,
+        held: Vec<AtomRequest>,
+        group: GroupHandle,
+    },
+    /// The output writer runs; `output` is a clone kept to shut the socket.
+    Attached {
+        output: TcpStream,
+    },
+    Ended,
+}
+
+/// Shared state of one session. Invariant: once `ended_tx` is `None` the
+/// session never starts anything again.
+pub struct Session {
+    pub id: u64,
+    secret: [u8; NONCE_LEN],
+    pub peer: SocketAddr,
+    opened: Instant,
+    pub attach_deadline: Instant,
+    pub log: Logger,
+    /// A clone of the main-stream, to wake the owner by shutting its read side.
+    main_stream: TcpStream,
+    state: Mutex<State>,
+    ended_tx: Mutex<Option<Sender<Never>>>,
+    ended_rx: Receiver<Never>,
+    reason: Mutex<Option<EndReason>>,
+    engine: Mutex<Option<Box<dyn BackendSession>>>,
+    /// Atom ids accepted and not yet answered (held, queued or running).
+    in_flight: Mutex<HashSet<u64>>,
+    out_tx: Sender<Frame>,
+    goodbye_tx: Sender<Frame>,
+    main_tx: Sender<Frame>,
+    /// The server is shutting down: new atoms are answered at once.
+    draining: AtomicBool,
+    max_frame: u32,
+    max_pipelined: usize,
+    /// `major.minor` of the client's Python and the engine's (pickled code needs both equal).
+    client_python: String,
+    engine_python: String,
+    debug: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `3.13.1` → `3.13`.
+pub fn major_minor(version: &str) -> &str {
+    match version.match_indices('.').nth(1) {
+        Some((i, _)) => &version[..i],
+        None => version,
+    }
+}
+
+/// Splits `lines` into pieces of at most `max` bytes at line ends (a single
+/// longer line becomes its own piece).
+pub fn split_pieces(lines: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+    if lines.len() <= max {
+        return vec![lines];
+    }
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < lines.len() {
+        let end = (start + max).min(lines.len());
+        let cut = if end == lines.len() {
+            end
+        } else {
+            match lines[start..end].iter().rposition(|&b| b == b'\n') {
+                Some(p) => start + p + 1,
+                None => lines[end..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(lines.len(), |p| end + p + 1),
+            }
+        };
+        out.push(lines[start..cut].to_vec());
+        start = cut;
+    }
+    out
+}
+
+fn exception(origin: FailureOrigin, type_name: &str, message: String) -> AtomResult {
+    AtomResult {
+        duration_us: 0,
+        outcome: Outcome::Exception(RemoteException {
+            origin,
+            type_name: type_name.to_owned(),
+            message,
+            traceback: String::new(),
+            pickled: None,
+        }),
+    }
+}
+
+impl Session {
+    pub fn secret(&self) -> &[u8; NONCE_LEN] {
+        &self.secret
+    }
+
+    pub fn is_ended(&self) -> bool {
+        lock(&self.ended_tx).is_none()
+    }
+
+    pub fn is_awaiting_attach(&self) -> bool {
+        matches!(*lock(&self.state), State::AwaitingAttach { .. })
+    }
+
+    pub fn reason(&self) -> Option<EndReason> {
+        lock(&self.reason).clone()
+    }
+
+    /// Ends the session for good (idempotent; the first reason is kept):
+    /// writers drain and stop, the owner wakes up and tears down.
+    pub fn end(&self, reason: EndReason) {
+        {
+            let mut r = lock(&self.reason);
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        drop(lock(&self.ended_tx).take());
+        let _ = self.main_stream.shutdown(Shutdown::Read);
+    }
+
+    /// Queues GOODBYE for the output-stream and refuses new atoms from now on.
+    pub fn goodbye(&self, reason: &str) {
+        self.draining.store(true, Ordering::SeqCst);
+        let frame = Message::Goodbye {
+            reason: reason.to_owned(),
+        }
+        .to_frame(0);
+        let _ = self.goodbye_tx.try_send(frame);
+    }
+
+    /// Atoms accepted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.in_flight).len()
+    }
+
+    /// Sends on a session queue, giving up when the session ends.
+    fn push(&self, tx: &Sender<Frame>, frame: Frame) {
+        if self.is_ended() {
+            return;
+        }
+        select! {
+            send(tx, frame) -> _ => {},
+            recv(self.ended_rx) -> _ => {},
+        }
+    }
+
+    fn push_output(&self, frame: Frame) {
+        self.push(&self.out_tx, frame);
+    }
+
+    fn push_main(&self, frame: Frame) {
+        self.push(&self.main_tx, frame);
+    }
+
+    /// Answers an atom without running it: END_OF_OUTPUT so the client's output
+    /// iterator ends, then its RESULT.
+    fn answer_now(&self, atom: u64, result: AtomResult) {
+        self.push_output(Message::EndOfOutput.to_frame(atom));
+        self.push_main(Message::Result(result).to_frame(atom));
+    }
+
+    fn error_for(&self, atom: u64, code: ErrorCode, message: String) {
+        self.push_output(Message::EndOfOutput.to_frame(atom));
+        self.push_main(Message::Error(ErrorMsg { code, message }).to_frame(atom));
+    }
+
+    fn trace(&self, step: &str) {
+        if self.debug {
+            info!(self.log, "teardown"; "step" => step);
+        }
+    }
+
+    /// Binds the output-stream (already checked against the secret). Under the
+    /// state lock: sends ATTACHED, starts the output writer, submits the held atoms.
+    fn attach(
+        self: &Arc<Self>,
+        shared: &Shared,
+        output: &TcpStream,
+        mut writer: Writer,
+    ) -> Result<GroupHandle, AttachRefused> {
+        let mut state = lock(&self.state);
+        if self.is_ended() {
+            return Err(AttachRefused::UnknownSession);
+        }
+        match &*state {
+            State::AwaitingAttach { .. } => {}
+            State::Attached { .. } => return Err(AttachRefused::AlreadyAttached),
+            State::Ended => return Err(AttachRefused::UnknownSession),
+        }
+        let clone = output
+            .try_clone()
+            .map_err(|_| AttachRefused::UnknownSession)?;
+        let State::AwaitingAttach {
+            out_rx,
+            log_rx,
+            goodbye_rx,
+            held,
+            group,
+        } = std::mem::replace(&mut *state, State::Attached { output: clone })
+        else {
+            unreachable!("checked above")
+        };
+        let attached = Message::Attached {
+            session_id: self.id,
+        }
+        .to_frame(0);
+        if let Err(e) = writer.write_frame(&attached).and_then(|()| writer.flush()) {
+            drop(state);
+            self.end(EndReason::StreamError(format!("writing ATTACHED: {e}")));
+            return Ok(group);
+        }
+        let me = Arc::clone(self);
+        let spawned = shared.spawn(
+            format!("pyproxy-out-{}", self.id),
+            Some(&group),
+            move || me.output_writer(writer, out_rx, log_rx, goodbye_rx),
+        );
+        if let Err(e) = spawned {
+            drop(state);
+            self.end(EndReason::StreamError(format!(
+                "cannot start output writer: {e}"
+            )));
+            return Ok(group);
+        }
+        if let Some(engine) = lock(&self.engine).as_ref() {
+            for atom in held {
+                engine.submit(atom);
+            }
+        }
+        Ok(group)
+    }
+
+    /// Writes the output-stream's queues until the session ends, then what is left.
+    fn output_writer(
+        self: Arc<Self>,
+        mut w: Writer,
+        out_rx: Receiver<Frame>,
+        log_rx: Receiver<Frame>,
+        goodbye_rx: Receiver<Frame>,
+    ) {
+        let queues = [&out_rx, &log_rx, &goodbye_rx];
+        let result = (|| -> protocol::Result<()> {
+            loop {
+                let next = select! {
+                    recv(out_rx) -> f => f.ok(),
+                    recv(log_rx) -> f => f.ok(),
+                    recv(goodbye_rx) -> f => f.ok(),
+                    recv(self.ended_rx) -> _ => None,
+                };
+                match next {
+                    Some(f) => w.write_frame(&f)?,
+                    None => break,
+                }
+                if queues.iter().all(|q| q.is_empty()) {
+                    w.flush()?;
+                }
+            }
+            // Ended: send what was queued before the end, then stop.
+            for q in queues {
+                for f in q.try_iter().take(q.capacity().unwrap_or(0).max(1)) {
+                    w.write_frame(&f)?;
+                }
+            }
+            w.flush()
+        })();
+        if let Err(e) = result {
+            self.writer_failed("output-stream", e);
+        }
+    }
+
+    /// Writes `main_rx` to the main-stream until the session ends, then what is left.
+    fn main_writer(self: Arc<Self>, mut w: Writer, main_rx: Receiver<Frame>) {
+        let result = (|| -> protocol::Result<()> {
+            loop {
+                let next = select! {
+                    recv(main_rx) -> f => f.ok(),
+                    recv(self.ended_rx) -> _ => None,
+                };
+                match next {
+                    Some(f) => w.write_frame(&f)?,
+                    None => break,
+                }
+                if main_rx.is_empty() {
+                    w.flush()?;
+                }
+            }
+            for f in main_rx.try_iter().take(MAIN_QUEUE) {
+                w.write_frame(&f)?;
+            }
+            w.flush()
+        })();
+        if let Err(e) = result {
+            self.writer_failed("main-stream", e);
+        }
+    }
+
+    fn writer_failed(&self, stream: &str, e: protocol::Error) {
+        if e.is_disconnect() {
+            self.end(if stream == "main-stream" {
+                EndReason::MainStreamClosed
+            } else {
+                EndReason::OutputStreamClosed
+            });
+        } else {
+            self.end(EndReason::StreamError(format!("writing {stream}: {e}")));
+        }
+    }
+
+    /// Handles one EVAL from the owner's read loop.
+    fn on_eval(&self, atom: u64, eval: protocol::Eval) {
+        if self.draining.load(Ordering::SeqCst) {
+            return self.answer_now(
+                atom,
+                exception(
+                    FailureOrigin::Shutdown,
+                    "ServerShuttingDown",
+                    "the server is shutting down and accepts no new atoms".into(),
+                ),
+            );
+        }
+        if eval.kind != AtomKind::Source && self.client_python != self.engine_python {
+            let what = if eval.kind == AtomKind::Code {
+                "a code object"
+            } else {
+                "a pickled function"
+            };
+            return self.answer_now(
+                atom,
+                exception(
+                    FailureOrigin::VersionMismatch,
+                    "VersionMismatch",
+                    format!(
+                        "this atom is {what}, which needs the same Python minor version on both \
+                         ends: the client runs Python {}, the server Python {}; \
+                         send source text instead, or match the versions",
+                        if self.client_python.is_empty() {
+                            "(unknown)"
+                        } else {
+                            &self.client_python
+                        },
+                        self.engine_python
+                    ),
+                ),
+            );
+        }
+        {
+            let mut in_flight = lock(&self.in_flight);
+            if in_flight.contains(&atom) {
+                drop(in_flight);
+                return self.push_main(
+                    Message::Error(ErrorMsg {
+                        code: ErrorCode::UnexpectedMessage,
+                        message: format!("atom id {atom} is already in flight on this session"),
+                    })
+                    .to_frame(atom),
+                );
+            }
+            if in_flight.len() >= self.max_pipelined {
+                drop(in_flight);
+                warn!(self.log, "atom refused: too many in flight"; "atom" => atom, "max_pipelined" => self.max_pipelined);
+                return self.error_for(
+                    atom,
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "more than {} atoms in flight on this session (--max-pipelined)",
+                        self.max_pipelined
+                    ),
+                );
+            }
+            in_flight.insert(atom);
+        }
+        let request = AtomRequest {
+            id: atom,
+            kind: eval.kind,
+            payload: eval.payload,
+            globals: eval.globals,
+            locals: eval.locals,
+            timeout: eval.timeout_ms.map(Duration::from_millis),
+        };
+        let mut state = lock(&self.state);
+        match &mut *state {
+            State::AwaitingAttach { held, .. } => held.push(request),
+            State::Attached { .. } => {
+                if let Some(engine) = lock(&self.engine).as_ref() {
+                    engine.submit(request);
+                }
+            }
+            State::Ended => {}
+        }
+    }
+
+    fn on_cancel(&self, target: u64) {
+        let mut state = lock(&self.state);
+        if let State::AwaitingAttach { held, .. } = &mut *state {
+            if let Some(i) = held.iter().position(|a| a.id == target) {
+                held.remove(i);
+                drop(state);
+                lock(&self.in_flight).remove(&target);
+                info!(self.log, "atom cancelled before it started"; "atom" => target);
+                return self.answer_now(
+                    target,
+                    exception(
+                        FailureOrigin::Cancelled,
+                        "AtomCancelled",
+                        format!("atom {target} was cancelled before it started"),
+                    ),
+                );
+            }
+            return;
+        }
+        drop(state);
+        let found = lock(&self.engine)
+            .as_ref()
+            .is_some_and(|e| e.cancel(target));
+        debug!(self.log, "cancel"; "atom" => target, "found" => found);
+    }
+
+    /// Marks the session ended for everyone: unregisters it and returns the
+    /// output-stream (if attached). Held atoms and unread queues are dropped.
+    fn seal(&self) -> Option<TcpStream> {
+        match std::mem::replace(&mut *lock(&self.state), State::Ended) {
+            State::Attached { output } => Some(output),
+            _ => None,
+        }
+    }
+}
+
+/// The engine's view of a session: turns sink calls into queued frames.
+struct Sink(Arc<Session>);
+
+impl SessionSink for Sink {
+    fn output(&self, atom: u64, fd: u8, lines: Vec<u8>) {
+        for data in split_pieces(lines, OUTPUT_PIECE) {
+            self.0
+                .push_output(Message::Output(Output { fd, data }).to_frame(atom));
+        }
+    }
+
+    fn end_of_output(&self, atom: u64) {
+        self.0.push_output(Message::EndOfOutput.to_frame(atom));
+    }
+
+    fn result(&self, atom: u64, result: AtomResult) {
+        lock(&self.0.in_flight).remove(&atom);
+        let mut frame = Message::Result(result).to_frame(atom);
+        let limit = self.0.max_frame as usize;
+        if frame.payload.len() + protocol::frame::HEADER_BODY_SIZE > limit {
+            warn!(self.0.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload.len());
+            frame = Message::Result(exception(
+                FailureOrigin::ServerError,
+                "ResultTooLarge",
+                format!(
+                    "the atom's result is {} bytes, more than the frame limit of {} bytes (--max-frame)",
+                    frame.payload.len(),
+                    limit
+                ),
+            ))
+            .to_frame(atom);
+        }
+        self.0.push_main(frame);
+    }
+}
+
+/// Runs a main-stream after a checked HELLO: registers the session, answers
+/// WELCOME, reads requests until the session ends, tears down.
+pub fn run_main(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    mut reader: Reader,
+    mut writer: Writer,
+    hello: Hello,
+    challenger: &Challenger,
+    slot: ConnSlot,
+) {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    let refuse = |writer: &mut Writer, code: ErrorCode, message: String| {
+        let frame = Message::Error(ErrorMsg { code, message }).to_frame(0);
+        let _ = writer.write_frame(&frame).and_then(|()| writer.flush());
+    };
+    if shared.is_stopping() {
+        refuse(
+            &mut writer,
+            ErrorCode::Internal,
+            "the server is shutting down".into(),
+        );
+        return;
+    }
+    let id = shared.registry.allocate_id();
+    let secret = match auth::random_nonce() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(shared.log, "cannot draw an attach secret"; "error" => %e);
+            refuse(
+                &mut writer,
+                ErrorCode::Internal,
+                "the server could not draw a secret".into(),
+            );
+            return;
+        }
+    };
+    let Ok(main_clone) = stream.try_clone() else {
+        refuse(
+            &mut writer,
+            ErrorCode::Internal,
+            "the server is out of file descriptors".into(),
+        );
+        return;
+    };
+    let log = shared.log.new(o!("session" => id));
+    let limits = &shared.limits;
+    let out_cap = (limits.max_output_buffer / OUTPUT_PIECE).max(2);
+    let (out_tx, out_rx) = bounded(out_cap);
+    let (log_tx, log_rx) = bounded(LOG_QUEUE);
+    let (goodbye_tx, goodbye_rx) = bounded(1);
+    let (main_tx, main_rx) = bounded(MAIN_QUEUE);
+    let (ended_tx, ended_rx) = bounded(0);
+    let mut group = ThreadGroup::new();
+    let now = Instant::now();
+    let session = Arc::new(Session {
+        id,
+        secret,
+        peer,
+        opened: now,
+        attach_deadline: now + limits.attach_timeout,
+        log: log.clone(),
+        main_stream: main_clone,
+        state: Mutex::new(State::AwaitingAttach {
+            out_rx,
+            log_rx,
+            goodbye_rx,
+            held: Vec::new(),
+            group: group.handle(),
+        }),
+        ended_tx: Mutex::new(Some(ended_tx)),
+        ended_rx,
+        reason: Mutex::new(None),
+        engine: Mutex::new(None),
+        in_flight: Mutex::new(HashSet::new()),
+        out_tx,
+        goodbye_tx,
+        main_tx,
+        draining: AtomicBool::new(false),
+        max_frame: limits.max_frame,
+        max_pipelined: limits.max_pipelined,
+        client_python: major_minor(&hello.python_version).to_owned(),
+        engine_python: major_minor(shared.backend.python_version()).to_owned(),
+        debug: shared.debug,
+    });
+    shared.routes.add(id, log_tx);
+    if let Err(max) = shared.registry.insert(Arc::clone(&session)) {
+        shared.routes.remove(id);
+        warn!(shared.log, "session refused: too many sessions"; "peer" => %peer, "max_sessions" => max);
+        refuse(
+            &mut writer,
+            ErrorCode::LimitExceeded,
+            format!("the server already has {max} sessions open (--max-sessions)"),
+        );
+        return;
+    }
+    let sink: Arc<dyn SessionSink> = Arc::new(Sink(Arc::clone(&session)));
+    match shared.backend.open_session(id, sink, log.clone()) {
+        Ok(engine) => *lock(&session.engine) = Some(engine),
+        Err(e) => {
+            warn!(log, "the engine could not open the session"; "error" => %e);
+            refuse(
+                &mut writer,
+                ErrorCode::Internal,
+                format!("the server could not open a session: {e}"),
+            );
+            session.end(EndReason::EngineFailed(e));
+        }
+    }
+    if !session.is_ended() {
+        let welcome = challenger.welcome(
+            &hello,
+            id,
+            secret,
+            (
+                shared.backend.implementation(),
+                shared.backend.python_version(),
+            ),
+            shared.wire_limits(),
+        );
+        let sent = writer.write_frame(&welcome).and_then(|()| writer.flush());
+        let timeouts = stream
+            .set_read_timeout(None)
+            .and_then(|()| stream.set_write_timeout(None));
+        match (sent, timeouts) {
+            (Ok(()), Ok(())) => {
+                info!(log, "client connected";
+                    "peer" => %peer, "client" => &hello.client,
+                    "client_python" => &hello.python_version,
+                    "client_implementation" => &hello.implementation);
+                let me = Arc::clone(&session);
+                if let Err(e) = shared.spawn(
+                    format!("pyproxy-main-{id}"),
+                    Some(&group.handle()),
+                    move || me.main_writer(writer, main_rx),
+                ) {
+                    session.end(EndReason::StreamError(format!(
+                        "cannot start main writer: {e}"
+                    )));
+                }
+                reader.set_max_frame(shared.limits.max_frame);
+                read_requests(&session, &mut reader);
+            }
+            (Err(e), _) => session.end(EndReason::StreamError(format!("writing WELCOME: {e}"))),
+            (_, Err(e)) => session.end(EndReason::StreamError(e.to_string())),
+        }
+    }
+    teardown(shared, &session, &mut group, &stream);
+    drop(slot);
+}
+
+/// The owner's loop: one frame at a time until the session ends.
+fn read_requests(session: &Session, reader: &mut Reader) {
+    loop {
+        let frame = match reader.read_frame() {
+            Ok(f) => f,
+            Err(e) if e.is_disconnect() => return session.end(EndReason::MainStreamClosed),
+            Err(protocol::Error::Io(e)) => {
+                return session.end(EndReason::StreamError(format!("reading main-stream: {e}")))
+            }
+            Err(e) => return protocol_error(session, ErrorCode::BadFrame, e.to_string()),
+        };
+        if session.is_ended() {
+            return;
+        }
+        let msg = match Message::decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                return protocol_error(
+                    session,
+                    ErrorCode::BadFrame,
+                    format!("bad {}: {e}", frame.kind),
+                )
+            }
+        };
+        match msg {
+            Message::Eval(_) if frame.request_id == 0 => {
+                return protocol_error(
+                    session,
+                    ErrorCode::BadFrame,
+                    "EVAL with request id 0: id 0 is reserved for the connection".into(),
+                );
+            }
+            Message::Eval(eval) => session.on_eval(frame.request_id, eval),
+            Message::Cancel(c) => session.on_cancel(c.target),
+            Message::Close => return session.end(EndReason::ClientClosed),
+            other => {
+                return protocol_error(
+                    session,
+                    ErrorCode::UnexpectedMessage,
+                    format!(
+                        "{} is not valid on an open main-stream (expected EVAL, CANCEL or CLOSE)",
+                        other.kind()
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// Answers a protocol violation with ERROR (request id 0) and ends the session.
+fn protocol_error(session: &Session, code: ErrorCode, message: String) {
+    warn!(session.log, "closing session after a protocol error"; "peer" => %session.peer, "error" => &message);
+    session.push_main(
+        Message::Error(ErrorMsg {
+            code,
+            message: message.clone(),
+        })
+        .to_frame(0),
+    );
+    session.end(EndReason::ProtocolError(message));
+}
+
+/// Tears a session down in a fixed order (traced with PYPROXY_DEBUG=1):
+/// 1. seal: unregister (never attachable again), drop held atoms and unread queues;
+/// 2. close the read sides, so the output watcher returns;
+/// 3. let the writers drain what was queued (bounded by LINGER), then cut the sockets;
+/// 4. close the engine session: queued atoms dropped, a running atom interrupted;
+/// 5. wait for the session's threads, forget its log route.
+fn teardown(shared: &Shared, session: &Arc<Session>, group: &mut ThreadGroup, main: &TcpStream) {
+    // Whatever woke us, make sure the end is recorded and the writers told.
+    session.end(EndReason::MainStreamClosed);
+    let reason = session.reason().unwrap_or(EndReason::MainStreamClosed);
+    session.trace("1 seal: unregister, drop held atoms and queues");
+    shared.registry.remove(session.id);
+    let output = session.seal();
+    session.trace("2 close read sides");
+    let _ = main.shutdown(Shutdown::Read);
+    if let Some(o) = &output {
+        let _ = o.shutdown(Shutdown::Read);
+    }
+    session.trace("3 drain writers, then close write sides");
+    let lingered = group.wait_until(Instant::now() + LINGER);
+    let _ = main.shutdown(Shutdown::Both);
+    if let Some(o) = &output {
+        let _ = o.shutdown(Shutdown::Both);
+    }
+    session.trace("4 close engine session: drop queued atoms, interrupt the running one");
+    if let Some(engine) = lock(&session.engine).take() {
+        engine.close();
+    }
+    session.trace("5 wait for session threads");
+    if lingered.is_err() {
+        if let Err(live) = group.wait_until(Instant::now() + THREAD_WAIT) {
+            warn!(session.log, "session threads did not end"; "live" => live);
+        }
+    }
+    let level_warn = matches!(
+        reason,
+        EndReason::StreamError(_)
+            | EndReason::ProtocolError(_)
+            | EndReason::AttachTimeout
+            | EndReason::EngineFailed(_)
+    );
+    let dur = session.opened.elapsed().as_secs_f64();
+    if level_warn {
+        warn!(session.log, "session closed"; "reason" => %reason, "duration_s" => dur, "peer" => %session.peer);
+    } else {
+        info!(session.log, "session closed"; "reason" => %reason, "duration_s" => dur, "peer" => %session.peer);
+    }
+    shared.routes.remove(session.id);
+}
+
+/// Runs an output-stream after its ATTACH: checks it, binds it, then watches
+/// the socket until it closes (which ends the session) or the session ends.
+pub fn run_attach(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    mut reader: Reader,
+    mut writer: Writer,
+    attach: protocol::Attach,
+    slot: ConnSlot,
+) {
+    let peer = stream.peer_addr().ok();
+    let peer_text = peer.map_or_else(|| "?".to_owned(), |p| p.to_string());
+    let session = match shared
+        .registry
+        .lookup_for_attach(attach.session_id, &attach.secret)
+    {
+        Ok(s) => s,
+        Err(why) => return refuse_attach(shared, &mut writer, attach.session_id, &peer_text, why),
+    };
+    let group = match session.attach(shared, &stream, writer) {
+        Ok(g) => g,
+        Err(why) => {
+            // The writer was consumed; answer on a fresh one.
+            if let Ok(s) = stream.try_clone() {
+                let mut w = FrameWriter::new(BufWriter::new(s));
+                return refuse_attach(shared, &mut w, attach.session_id, &peer_text, why);
+            }
+            return;
+        }
+    };
+    info!(session.log, "output-stream attached"; "peer" => &peer_text);
+    let _ = stream.set_read_timeout(None);
+    // Held until this thread returns: the owner's teardown waits for us.
+    let _group = group;
+    loop {
+        match reader.read_frame() {
+            Ok(frame) => {
+                let message = format!(
+                    "{} on the output-stream: it carries no client frames after ATTACH",
+                    frame.kind
+                );
+                warn!(session.log, "closing session after a protocol error"; "error" => &message);
+                let err = Message::Error(ErrorMsg {
+                    code: ErrorCode::UnexpectedMessage,
+                    message: message.clone(),
+                })
+                .to_frame(0);
+                let _ = session.goodbye_tx.try_send(err);
+                session.end(EndReason::ProtocolError(message));
+                break;
+            }
+            Err(e) if e.is_disconnect() => {
+                session.end(EndReason::OutputStreamClosed);
+                break;
+            }
+            Err(e) => {
+                if !session.is_ended() {
+                    session.end(EndReason::StreamError(format!(
+                        "reading output-stream: {e}"
+                    )));
+                }
+                break;
+            }
+        }
+    }
+    drop(slot);
+}
+
+fn refuse_attach(
+    shared: &Shared,
+    writer: &mut Writer,
+    session_id: u64,
+    peer: &str,
+    why: AttachRefused,
+) {
+    // Logged without the session key: a refused peer must not reach that session's log.
+    warn!(shared.log, "attach refused"; "peer" => peer, "session_id" => session_id, "reason" => why.log_reason());
+    let frame = Message::Error(ErrorMsg {
+        code: ErrorCode::AttachRefused,
+        message: why.client_message(session_id),
+    })
+    .to_frame(0);
+    let _ = writer.write_frame(&frame).and_then(|()| writer.flush());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn major_minor_cuts_the_micro_version() {
+        assert_eq!(major_minor("3.13.1"), "3.13");
+        assert_eq!(major_minor("3.12"), "3.12");
+        assert_eq!(major_minor("3.14.0rc1"), "3.14");
+        assert_eq!(major_minor(""), "");
+    }
+
+    #[test]
+    fn pieces_end_at_line_ends_and_keep_every_byte() {
+        let mut data = Vec::new();
+        for i in 0..1000 {
+            data.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        let pieces = split_pieces(data.clone(), 100);
+        assert!(pieces.iter().all(|p| p.len() <= 100 && p.ends_with(b"\n")));
+        assert_eq!(pieces.concat(), data);
+        // A line longer than the piece size stays whole.
+        let long = [vec![b'x'; 300], b"\nshort\n".to_vec()].concat();
+        let pieces = split_pieces(long.clone(), 100);
+        assert_eq!(pieces[0].len(), 301);
+        assert_eq!(pieces.concat(), long);
+        assert_eq!(split_pieces(b"a\n".to_vec(), 100), vec![b"a\n".to_vec()]);
+    }
+}
