@@ -1,0 +1,278 @@
+"""PyProxySession: the Python face of one session (two TCP streams, one native thread).
+
+This module does what needs Python — parsing the address, finding the token,
+pickling atoms with cloudpickle in the caller's thread, splitting output into
+lines — and leaves the streams to ``pyproxy._native.Connection``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from . import _native
+from ._errors import PyProxyError, SessionClosed
+from ._future import PyProxyFuture
+
+__all__ = ["PyProxySession", "LogRecord", "Address"]
+
+Address = str | tuple[str, int]
+
+_SOURCE, _CODE, _FUNCTION = 0, 1, 2
+_PICKLE_PROTOCOL = 5
+_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "TRACE")
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """A server log record about the session (see :meth:`PyProxySession.logs`)."""
+
+    level: str
+    """``CRITICAL``, ``ERROR``, ``WARNING``, ``INFO``, ``DEBUG`` or ``TRACE``."""
+    time: float
+    """When the server logged it, in seconds since the Unix epoch."""
+    message: str
+    """The record's message."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """The record's key/value pairs (e.g. ``atom``, ``duration_ms``)."""
+
+
+def _parse_address(address: Address) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        host, port = address
+        return str(host), int(port)
+    if not isinstance(address, str):
+        raise TypeError(f"address must be 'host:port' or (host, port), not {type(address).__name__}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"address must look like 'host:port' (e.g. 'localhost:9000'), got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _find_token(token: str | None, port: int) -> tuple[str | None, str]:
+    """The token and where it came from; or None and where the client looked."""
+    if token is not None:
+        return token, "the token= argument"
+    env = os.environ.get("PYPROXY_TOKEN")
+    if env:
+        return env.strip(), "the PYPROXY_TOKEN environment variable"
+    home = Path(os.environ.get("PYPROXY_HOME") or Path.home() / ".pyproxy")
+    path = home / "tokens" / str(port)
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        reason = "does not exist" if isinstance(e, FileNotFoundError) else f"is unreadable: {e.strerror}"
+        return None, f"no token= argument, PYPROXY_TOKEN is not set, and {path} {reason}"
+    if not text:
+        return None, f"no token= argument, PYPROXY_TOKEN is not set, and {path} is empty"
+    return text, str(path)
+
+
+class PyProxySession:
+    """A session with a PyProxy server: send atoms, receive their output and results.
+
+    ``PyProxySession("localhost:9000").connect()`` opens the session's two TCP
+    streams (main-stream and output-stream) and starts its one native background
+    thread, which never takes the GIL. Like a TCP stream, a session cannot be
+    reopened once closed or dead; open a new one.
+
+    `address` is ``"host:port"`` or ``(host, port)``. `token` defaults to the
+    ``PYPROXY_TOKEN`` environment variable, else the file
+    ``$PYPROXY_HOME/tokens/<port>`` (``PYPROXY_HOME`` defaults to ``~/.pyproxy``)
+    that the server writes. `backend` asks for ``"subinterp"`` or ``"fork"``
+    (None: the server's default). `connect_timeout` bounds connect plus handshake.
+    Usable as a context manager (connects on entry if needed, closes on exit).
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        token: str | None = None,
+        backend: str | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._host, self._port = _parse_address(address)
+        self._token = token
+        self._backend = backend or ""
+        self._connect_timeout = connect_timeout
+        self._conn: _native.Connection | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        if self._conn is None:
+            state = "not connected"
+        else:
+            state = f"session_id={self._conn.session_id} " + ("closed" if self._conn.closed else "open")
+        return f"<PyProxySession {self._host}:{self._port} {state}>"
+
+    def connect(self) -> PyProxySession:
+        """Opens both streams and completes the handshake (GIL released); returns self.
+
+        Raises :class:`ConnectFailed`, :class:`AuthError`, :class:`VersionMismatch`
+        or :class:`SessionRefused`. A session that was ever connected cannot
+        connect again: this raises :class:`PyProxyError`.
+        """
+        with self._lock:
+            if self._conn is not None:
+                raise PyProxyError(
+                    f"{self!r} was already connected; sessions are never reopened — "
+                    f"create a new PyProxySession"
+                )
+            token, source = _find_token(self._token, self._port)
+            self._conn = _native.Connection.open(
+                self._host,
+                self._port,
+                token=token,
+                token_source=source,
+                backend=self._backend,
+                connect_timeout=self._connect_timeout,
+                implementation=sys.implementation.name,
+                python_version=platform.python_version(),
+            )
+        return self
+
+    def _connection(self) -> _native.Connection:
+        conn = self._conn
+        if conn is None:
+            raise PyProxyError("this PyProxySession is not connected; call connect() first")
+        return conn
+
+    @property
+    def session_id(self) -> int | None:
+        """The id the server assigned to this session (None before connect)."""
+        return None if self._conn is None else self._conn.session_id
+
+    @property
+    def backend(self) -> str | None:
+        """The backend the session runs on, as the server reported it (None before connect)."""
+        return None if self._conn is None else self._conn.backend
+
+    @property
+    def server_python_version(self) -> str | None:
+        """The server's Python version, ``major.minor.micro`` (None before connect)."""
+        return None if self._conn is None else self._conn.server_python_version
+
+    @property
+    def closed(self) -> bool:
+        """True once the session was closed or died (False before connect)."""
+        return self._conn is not None and self._conn.closed
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the session is closed — the :class:`SessionClosed` message — or None while open."""
+        return None if self._conn is None else self._conn.close_cause
+
+    def eval(
+        self,
+        atom: str | types.CodeType | Callable[[], Any],
+        locals: Mapping[str, Any] | None = None,
+        globals: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> PyProxyFuture:
+        """Sends an atom to run on the server and returns its :class:`PyProxyFuture`.
+
+        `atom` is Python source text (its value is that of the final expression, as
+        in a notebook), a code object, or a callable called with no arguments.
+        Code objects and callables are pickled with cloudpickle here, in the calling
+        thread, so functions from ``__main__``, closures and lambdas work; they need
+        the server's Python major.minor. `globals` and `locals` are pickled likewise.
+        `timeout` (seconds) interrupts the atom on the server (:class:`AtomTimeout`).
+        Does not wait for the atom; raises :class:`SessionClosed` if the session is gone.
+        """
+        conn = self._connection()
+        if isinstance(atom, str):
+            kind, payload = _SOURCE, atom.encode("utf-8")
+        elif isinstance(atom, types.CodeType):
+            kind, payload = _CODE, cloudpickle.dumps(atom, protocol=_PICKLE_PROTOCOL)
+        elif callable(atom):
+            kind, payload = _FUNCTION, cloudpickle.dumps(atom, protocol=_PICKLE_PROTOCOL)
+        else:
+            raise TypeError(f"an atom is source text, a code object or a callable, not {type(atom).__name__}")
+        g = None if globals is None else cloudpickle.dumps(dict(globals), protocol=_PICKLE_PROTOCOL)
+        loc = None if locals is None else cloudpickle.dumps(locals, protocol=_PICKLE_PROTOCOL)
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        timeout_ms = None if timeout is None else max(1, round(timeout * 1000))
+        atom_id = conn.submit(kind, payload, g, loc, timeout_ms)
+        return PyProxyFuture(conn, atom_id, timeout)
+
+    def output(
+        self, future: PyProxyFuture | None = None, *, timeout: float | None = None
+    ) -> Iterator[tuple[int, str]]:
+        """Iterates over output lines as ``(fd, line)``: fd 1 (stdout) or 2 (stderr), the
+        line without its newline, decoded as UTF-8 (undecodable bytes backslash-escaped).
+
+        With `future`: that atom's lines; the iterator ends once the atom is done and
+        every line it wrote has been yielded. Without: the lines of every atom of the
+        session as they arrive, until the session is closed. Each line is delivered
+        once, to whichever of the two kinds of iterator reads it first. Waiting
+        releases the GIL. If the session dies, the lines already received are
+        yielded, then :class:`SessionClosed` is raised. `timeout` bounds the whole
+        iteration (``TimeoutError`` when it passes).
+        """
+        conn = self._connection()
+        atom = None
+        if future is not None:
+            if future._conn is not conn:
+                raise ValueError(f"{future!r} belongs to another session than {self!r}")
+            atom = future.atom_id
+        return self._lines(conn, atom, future, timeout)
+
+    @staticmethod
+    def _lines(
+        conn: _native.Connection, atom: int | None, future: PyProxyFuture | None, timeout: float | None
+    ) -> Iterator[tuple[int, str]]:
+        # `future` is held so the atom's slot lives as long as the iterator.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            chunks, ended = conn.read_output(atom, left)
+            for _atom, fd, data in chunks:
+                lines = data.split(b"\n")
+                lines.pop()  # every line ends in "\n": the last piece is empty
+                for line in lines:
+                    yield fd, line.decode("utf-8", "backslashreplace")
+            if ended:
+                return
+            if not chunks and left == 0.0:
+                what = f"atom {atom}" if atom is not None else "the session"
+                raise TimeoutError(f"no more output from {what} within {timeout}s")
+
+    def logs(self) -> list[LogRecord]:
+        """The server's log records about this session received so far (the last 10,000)."""
+        return [
+            LogRecord(_LEVELS[level] if level < len(_LEVELS) else str(level), ts / 1e6, message, dict(fields))
+            for level, ts, message, fields in self._connection().logs()
+        ]
+
+    def close(self) -> None:
+        """Ends the session: sends ``CLOSE``, fails pending futures with
+        :class:`SessionClosed`, and joins the native thread. Idempotent; a no-op
+        before connect."""
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> PyProxySession:
+        if self._conn is None:
+            self.connect()
+        elif self._conn.closed:
+            raise SessionClosed(self._conn.close_cause or f"{self!r} is closed")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
