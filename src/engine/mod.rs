@@ -66,3 +66,15 @@ pub trait SessionSink: Send + Sync + 'static {
 
 /// Shared handle to a sink.
 pub type Sink = Arc<dyn SessionSink>;
+
+mod engine;
+mod error;
+mod interp;
+mod output;
+mod python;
+mod session;
+mod watchdog;
+
+pub use engine::Engine;
+pub use error::EngineError;
+pub use session::EngineSession;

@@ -1,0 +1,517 @@
+//! The engine: CPython's lifetime, the warm pool of interpreters, the executor,
+//! pump, pool and watchdog threads, and an orderly shutdown.
+//!
+//! Interpreters are created, reset and ended only by the *pool thread*, which
+//! owns each interpreter's home thread state. At session close an interpreter
+//! is reset (see `helper.py`: modules, builtins, sys attributes, cwd, environ
+//! restored to the warm snapshot; per-thread state dropped) and reused, because
+//! ending one leaks 1.6–4.8 MB for good. Idle interpreters beyond
+//! [`Engine::idle_cap`] are ended at most one per [`TRIM_INTERVAL`].
+//!
+//! Threads: `executors` executor threads (each with a pump thread), one pool
+//! thread, one watchdog thread. All stop in [`Engine::shutdown`], in this order:
+//! stop taking atoms, wait for running ones (grace), interrupt the rest, stop
+//! the executors and the watchdog, end every interpreter (pool thread),
+//! finalise CPython (calling thread).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use slog::{error, info, o, warn, Logger};
+
+use super::error::EngineError;
+use super::interp::Interp;
+use super::output::Pump;
+use super::python;
+use super::session::{executor_loop, EngineSession, Interruption, Job, SessionCore};
+use super::watchdog::{watchdog_loop, WatchMsg};
+use super::{EngineConfig, Sink};
+
+/// Minimum time between two trims of surplus idle interpreters.
+pub(crate) const TRIM_INTERVAL: Duration = Duration::from_secs(60);
+/// How long `open_session` waits for an interpreter when the pool is empty.
+const OPEN_WAIT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for interrupted atoms after the grace period.
+const INTERRUPT_WAIT: Duration = Duration::from_secs(5);
+
+pub(crate) enum PoolMsg {
+    /// A closed session's interpreter: reset it and make it ready again.
+    Recycle(Arc<Interp>),
+    /// A ready interpreter was taken: top the pool up.
+    Refill,
+    /// End every interpreter and exit.
+    Shutdown,
+}
+
+struct PoolState {
+    ready: Vec<Arc<Interp>>,
+    /// Why the last creation failed, while no interpreter could be made.
+    failed: Option<String>,
+}
+
+/// State shared by the engine handle, sessions and engine threads.
+pub(crate) struct Shared {
+    pub(crate) config: EngineConfig,
+    log: Logger,
+    pub(crate) runq_tx: Sender<Job>,
+    pub(crate) watch_tx: Sender<WatchMsg>,
+    pool_tx: Sender<PoolMsg>,
+    pool: Mutex<PoolState>,
+    pool_cv: Condvar,
+    /// Set at the start of shutdown: no session opens, no atom starts.
+    pub(crate) stopping: AtomicBool,
+    /// Set once the executors are gone: submits are answered at once.
+    pub(crate) stopped: AtomicBool,
+    /// Atoms executing now.
+    busy: Mutex<usize>,
+    busy_cv: Condvar,
+    sessions: Mutex<HashMap<u64, Weak<SessionCore>>>,
+    serial: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn next_serial(&self) -> u64 {
+        self.serial.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn recycle(&self, interp: Arc<Interp>) {
+        let _ = self.pool_tx.send(PoolMsg::Recycle(interp));
+    }
+
+    pub(crate) fn forget_session(&self, key: u64) {
+        lock(&self.sessions).remove(&key);
+    }
+
+    pub(crate) fn busy_enter(&self) {
+        *lock(&self.busy) += 1;
+    }
+
+    pub(crate) fn busy_leave(&self) {
+        let mut b = lock(&self.busy);
+        *b -= 1;
+        if *b == 0 {
+            self.busy_cv.notify_all();
+        }
+    }
+
+    /// Waits until no atom executes or `deadline`; returns the number still running.
+    fn wait_idle(&self, deadline: Instant) -> usize {
+        let mut b = lock(&self.busy);
+        while *b > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            b = self
+                .busy_cv
+                .wait_timeout(b, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *b
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Threads {
+    executors: Vec<JoinHandle<()>>,
+    pool: JoinHandle<()>,
+    watchdog: JoinHandle<()>,
+    main_tstate: usize,
+    init_thread: ThreadId,
+}
+
+/// The sub-interpreter execution engine. `Send + Sync`; share it as `Arc<Engine>`.
+pub struct Engine {
+    shared: Arc<Shared>,
+    python_version: String,
+    threads: Mutex<Option<Threads>>,
+    session_keys: AtomicU64,
+}
+
+impl Engine {
+    /// Initialises CPython (venv in `config.python_env` honoured, `workdir` made
+    /// current, no Python signal handlers), starts the warm pool and the engine
+    /// threads. Call once per process, before other threads use Python; the
+    /// thread that calls it should be the one that calls [`Engine::shutdown`].
+    /// Returns once the first interpreter is warm (so a missing cloudpickle or
+    /// preload module is reported here).
+    pub fn start(config: EngineConfig, log: slog::Logger) -> Result<Engine, EngineError> {
+        let mut config = config;
+        config.executors = config.executors.max(1);
+        config.max_line = config.max_line.max(1);
+        if let Some(dir) = &config.workdir {
+            std::env::set_current_dir(dir).map_err(|source| EngineError::Workdir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let workdir = std::env::current_dir()
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_owned));
+        let main_tstate = python::initialize(config.python_env.as_deref())?;
+        let python_version = python::version();
+        info!(log, "python initialised"; "version" => &python_version,
+              "python_env" => config.python_env.as_ref().map(|p| p.display().to_string()));
+
+        let (runq_tx, runq_rx) = channel::unbounded();
+        let (watch_tx, watch_rx) = channel::unbounded();
+        let (pool_tx, pool_rx) = channel::unbounded();
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            log: log.clone(),
+            runq_tx,
+            watch_tx,
+            pool_tx,
+            pool: Mutex::new(PoolState {
+                ready: Vec::new(),
+                failed: None,
+            }),
+            pool_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            busy: Mutex::new(0),
+            busy_cv: Condvar::new(),
+            sessions: Mutex::new(HashMap::new()),
+            serial: AtomicU64::new(0),
+        });
+
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|source| EngineError::Thread { source })
+        };
+        let (first_tx, first_rx) = channel::bounded(1);
+        let pool = {
+            let shared = shared.clone();
+            let workdir = workdir.clone();
+            spawn(
+                "pyproxy-pool".into(),
+                Box::new(move || pool_loop(shared, pool_rx, first_tx, workdir)),
+            )?
+        };
+        let first: Result<(), EngineError> =
+            first_rx.recv().unwrap_or(Err(EngineError::Interpreter {
+                message: "the pool thread died".into(),
+            }));
+        if let Err(e) = first {
+            let _ = pool.join();
+            python::finalize(main_tstate, true);
+            return Err(e);
+        }
+        let watchdog = spawn(
+            "pyproxy-watchdog".into(),
+            Box::new(move || watchdog_loop(watch_rx)),
+        )?;
+        let mut executors = Vec::new();
+        for index in 0..config.executors {
+            let pump = Pump::start(format!("pyproxy-pump-{index}"), config.max_line)
+                .map_err(|source| EngineError::Thread { source })?;
+            let shared = shared.clone();
+            let rx: Receiver<Job> = runq_rx.clone();
+            executors.push(spawn(
+                format!("pyproxy-exec-{index}"),
+                Box::new(move || executor_loop(index, shared, rx, pump)),
+            )?);
+        }
+        info!(log, "engine started"; "executors" => config.executors, "warm_pool" => config.warm_pool);
+        Ok(Engine {
+            shared,
+            python_version,
+            threads: Mutex::new(Some(Threads {
+                executors,
+                pool,
+                watchdog,
+                main_tstate,
+                init_thread: std::thread::current().id(),
+            })),
+            session_keys: AtomicU64::new(0),
+        })
+    }
+
+    /// Idle interpreters kept before surplus ones are ended (slowly).
+    pub fn idle_cap(&self) -> usize {
+        idle_cap(&self.shared.config)
+    }
+
+    /// Binds a ready interpreter (from the warm pool) to a new session. Waits
+    /// only if the pool is empty (up to 30 s).
+    pub fn open_session(
+        &self,
+        session_id: u64,
+        sink: Sink,
+        log: slog::Logger,
+    ) -> Result<EngineSession, EngineError> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let interp = {
+            let mut pool = lock(&shared.pool);
+            loop {
+                if shared.stopping.load(Ordering::Acquire) {
+                    return Err(EngineError::ShuttingDown);
+                }
+                if let Some(i) = pool.ready.pop() {
+                    break i;
+                }
+                if let Some(message) = &pool.failed {
+                    return Err(EngineError::Interpreter {
+                        message: message.clone(),
+                    });
+                }
+                let waited = started.elapsed();
+                if waited >= OPEN_WAIT {
+                    return Err(EngineError::PoolTimeout {
+                        waited_ms: waited.as_millis() as u64,
+                    });
+                }
+                pool = shared
+                    .pool_cv
+                    .wait_timeout(pool, OPEN_WAIT - waited)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        };
+        let _ = shared.pool_tx.send(PoolMsg::Refill);
+        info!(log, "session opened"; "interp" => interp.serial,
+              "waited_us" => started.elapsed().as_micros() as u64);
+        let key = self.session_keys.fetch_add(1, Ordering::Relaxed);
+        let core = Arc::new(SessionCore::new(
+            key,
+            session_id,
+            sink,
+            log,
+            shared.clone(),
+            interp,
+        ));
+        lock(&shared.sessions).insert(key, Arc::downgrade(&core));
+        Ok(EngineSession::new(core))
+    }
+
+    /// The linked CPython's version, e.g. `3.13.0`.
+    pub fn python_version(&self) -> &str {
+        &self.python_version
+    }
+
+    /// Always `cpython`.
+    pub fn implementation(&self) -> &str {
+        "cpython"
+    }
+
+    /// Stop taking atoms, let running ones finish within `grace`, interrupt the
+    /// rest, end every sub-interpreter, join all engine threads, finalise
+    /// CPython. Idempotent. Call it from the thread that called [`Engine::start`]
+    /// (another thread works too, with a fresh main-interpreter thread state).
+    ///
+    /// If an interrupted atom still runs after 5 more seconds (blocked in a C
+    /// call), its interpreter cannot be ended, so CPython is left initialised
+    /// (finalising would abort or hang); the error is logged.
+    pub fn shutdown(&self, grace: Duration) {
+        let Some(threads) = lock(&self.threads).take() else {
+            return;
+        };
+        let shared = &self.shared;
+        let log = &shared.log;
+        info!(log, "engine shutting down"; "grace_ms" => grace.as_millis() as u64);
+        shared.stopping.store(true, Ordering::Release);
+        {
+            let _pool = lock(&shared.pool);
+            shared.pool_cv.notify_all();
+        }
+        let mut left = shared.wait_idle(Instant::now() + grace);
+        if left > 0 {
+            let live: Vec<Arc<SessionCore>> = lock(&shared.sessions)
+                .values()
+                .filter_map(Weak::upgrade)
+                .collect();
+            for s in &live {
+                if let Some(atom) = s.interrupt_running(Interruption::Shutdown) {
+                    info!(s.log(), "interrupting atom for shutdown"; "atom" => atom);
+                }
+            }
+            drop(live);
+            left = shared.wait_idle(Instant::now() + INTERRUPT_WAIT);
+        }
+        if left > 0 {
+            error!(log, "atoms still running after interrupts; leaving Python initialised"; "running" => left);
+            return;
+        }
+        for _ in &threads.executors {
+            let _ = shared.runq_tx.send(Job::Stop);
+        }
+        for t in threads.executors {
+            let _ = t.join();
+        }
+        shared.stopped.store(true, Ordering::Release);
+        let _ = shared.watch_tx.send(WatchMsg::Stop);
+        let _ = threads.watchdog.join();
+        let _ = shared.pool_tx.send(PoolMsg::Shutdown);
+        let _ = threads.pool.join();
+        let on_init_thread = std::thread::current().id() == threads.init_thread;
+        let code = python::finalize(threads.main_tstate, on_init_thread);
+        if code != 0 {
+            warn!(log, "Py_FinalizeEx reported an error"; "code" => code);
+        }
+        info!(log, "engine stopped");
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+pub(crate) fn idle_cap(config: &EngineConfig) -> usize {
+    2 * config.warm_pool.max(1) + config.executors
+}
+
+fn pool_loop(
+    shared: Arc<Shared>,
+    rx: Receiver<PoolMsg>,
+    first: Sender<Result<(), EngineError>>,
+    workdir: Option<String>,
+) {
+    let _anchor = python::Anchor::new();
+    let log = shared.log.new(o!("thread" => "pool"));
+    let config = &shared.config;
+    let mut all: Vec<Arc<Interp>> = Vec::new();
+    let mut serial = 0u64;
+    let mut create = |all: &mut Vec<Arc<Interp>>| -> Result<Arc<Interp>, EngineError> {
+        serial += 1;
+        let started = Instant::now();
+        let interp = Arc::new(Interp::create(
+            serial,
+            config.executors,
+            workdir.as_deref(),
+            &config.preload,
+        )?);
+        all.push(interp.clone());
+        slog::debug!(log, "interpreter created"; "interp" => serial, "ms" => started.elapsed().as_millis() as u64);
+        Ok(interp)
+    };
+    match create(&mut all) {
+        Ok(i) => lock(&shared.pool).ready.push(i),
+        Err(e) => {
+            let _ = first.send(Err(e));
+            return;
+        }
+    }
+    let _ = first.send(Ok(()));
+    let mut last_trim = Instant::now();
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let ready = lock(&shared.pool).ready.len();
+        let stopping = shared.stopping.load(Ordering::Acquire);
+        let need = !stopping
+            && ready < config.warm_pool.max(1)
+            && retry_at.is_none_or(|t| Instant::now() >= t);
+        let msg = if need {
+            match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(channel::TryRecvError::Empty) => None,
+                Err(channel::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            let tick = retry_at
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(TRIM_INTERVAL)
+                .min(TRIM_INTERVAL);
+            match rx.recv_timeout(tick) {
+                Ok(m) => Some(m),
+                Err(channel::RecvTimeoutError::Timeout) => None,
+                Err(channel::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        match msg {
+            Some(PoolMsg::Shutdown) => break,
+            Some(PoolMsg::Refill) => {}
+            Some(PoolMsg::Recycle(interp)) => {
+                if stopping || interp.is_ended() {
+                    continue;
+                }
+                let started = Instant::now();
+                match interp.reset() {
+                    Ok(threads) => {
+                        if threads > 0 {
+                            warn!(log, "a session left Python threads running in its interpreter; \
+                                        their output will reach the interpreter's next session";
+                                  "interp" => interp.serial, "threads" => threads);
+                        }
+                        slog::trace!(log, "interpreter reset"; "interp" => interp.serial,
+                                     "us" => started.elapsed().as_micros() as u64);
+                        let mut pool = lock(&shared.pool);
+                        pool.ready.push(interp);
+                        shared.pool_cv.notify_one();
+                    }
+                    Err(e) => {
+                        warn!(log, "interpreter reset failed; ending it"; "interp" => interp.serial, "error" => e);
+                        all.retain(|i| !Arc::ptr_eq(i, &interp));
+                        interp.end();
+                    }
+                }
+            }
+            None if need => match create(&mut all) {
+                Ok(i) => {
+                    retry_at = None;
+                    let mut pool = lock(&shared.pool);
+                    pool.failed = None;
+                    pool.ready.push(i);
+                    shared.pool_cv.notify_one();
+                }
+                Err(e) => {
+                    error!(log, "creating an interpreter failed"; "error" => %e);
+                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    let mut pool = lock(&shared.pool);
+                    if pool.ready.is_empty() {
+                        pool.failed = Some(e.to_string());
+                        shared.pool_cv.notify_all();
+                    }
+                }
+            },
+            None => {
+                if retry_at.is_some_and(|t| Instant::now() >= t) {
+                    retry_at = None;
+                }
+                if last_trim.elapsed() >= TRIM_INTERVAL {
+                    last_trim = Instant::now();
+                    let surplus = {
+                        let mut pool = lock(&shared.pool);
+                        if pool.ready.len() > idle_cap(config) {
+                            Some(pool.ready.remove(0))
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(interp) = surplus {
+                        info!(log, "ending a surplus idle interpreter"; "interp" => interp.serial);
+                        all.retain(|i| !Arc::ptr_eq(i, &interp));
+                        interp.end();
+                    }
+                }
+            }
+        }
+    }
+    lock(&shared.pool).ready.clear();
+    let count = all.len();
+    for interp in all {
+        interp.end();
+    }
+    info!(log, "all interpreters ended"; "count" => count);
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Engine>();
+    check::<EngineSession>();
+    let _: Option<PathBuf> = None;
+}

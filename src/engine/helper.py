@@ -1,0 +1,363 @@
+"""PyProxy engine helper: runs atoms inside one sub-interpreter and resets it.
+
+The Rust engine compiles this source into a fresh module object in every
+sub-interpreter it creates (one copy per interpreter: no object is ever shared
+between interpreters) and calls, with that interpreter's GIL held:
+
+* ``setup(out_fd, err_fd, workdir, preload)`` once, right after creation;
+* ``run(kind, payload, globals, locals)`` for every atom;
+* ``reset()`` when a session ends, so that the next session finds the
+  interpreter as it was when it was warmed up.
+
+Everything here is written so that it never raises out of ``run`` or
+``reset``: failures come back as values.
+"""
+
+import ast as _ast
+import atexit as _atexit
+import builtins as _builtins
+import copyreg as _copyreg
+import gc as _gc
+import io as _io
+import linecache as _linecache
+import os as _os
+import pickle as _pickle
+import sys as _sys
+import threading as _threading
+import traceback as _traceback
+import warnings as _warnings
+
+import cloudpickle as _cloudpickle
+
+_HELPER_FILE = "<pyproxy-engine>"
+_ATOM_FILE = "<atom>"
+_MISSING = object()
+
+# Atom kinds, as on the wire (protocol::AtomKind).
+_SOURCE, _CODE, _FUNCTION = 0, 1, 2
+
+_FORK_HINT = (
+    " \u2014 PyProxy: this module cannot load in a sub-interpreter; use the fork backend "
+    '(PyProxySession(..., backend="fork") or pyproxy-server --backend fork)'
+)
+_SUBINTERP_REFUSALS = (
+    "does not support loading in subinterpreters",
+    "more than once per process",
+    "not supported in subinterpreters",
+    "subinterpreter",
+)
+
+_stdout = None
+_stderr = None
+_stdin = None
+_out_fd = -1
+_err_fd = -1
+_workdir = None
+_snap = None
+_atexit_registered = []
+
+
+def _open_streams():
+    global _stdout, _stderr, _stdin
+    # Line-buffered so that a line reaches the pipe (and so the client) as soon
+    # as it is printed; errors="backslashreplace" so that no str is unprintable.
+    _stdout = _io.TextIOWrapper(
+        _io.FileIO(_out_fd, "w", closefd=False),
+        encoding="utf-8", errors="backslashreplace", line_buffering=True,
+    )
+    _stderr = _io.TextIOWrapper(
+        _io.FileIO(_err_fd, "w", closefd=False),
+        encoding="utf-8", errors="backslashreplace", line_buffering=True,
+    )
+    _stdin = _io.TextIOWrapper(_io.BytesIO(b""), encoding="utf-8")
+    _sys.stdout = _sys.__stdout__ = _stdout
+    _sys.stderr = _sys.__stderr__ = _stderr
+    _sys.stdin = _sys.__stdin__ = _stdin
+
+
+def _tracking_register(func, *args, **kwargs):
+    # atexit keeps what sessions register for the interpreter's lifetime: track
+    # it so that reset() can unregister it (else it piles up under churn).
+    _atexit_registered.append(func)
+    return _real_atexit_register(func, *args, **kwargs)
+
+
+_real_atexit_register = _atexit.register
+
+
+def setup(out_fd, err_fd, workdir, preload):
+    """Points the standard streams at the engine's pipes, imports the preload
+    modules and takes the snapshot that reset() restores."""
+    global _out_fd, _err_fd, _workdir
+    _out_fd, _err_fd, _workdir = out_fd, err_fd, workdir
+    _open_streams()
+    for name in preload:
+        __import__(name)
+    _atexit.register = _tracking_register
+    _gc.collect()
+    _take_snapshot()
+
+
+def _take_snapshot():
+    global _snap
+    modules = dict(_sys.modules)
+    dicts = []
+    for module in modules.values():
+        d = getattr(module, "__dict__", None)
+        if type(d) is dict:
+            dicts.append((d, dict(d)))
+    _snap = {
+        "modules": modules,
+        "dicts": dicts,
+        "path": list(_sys.path),
+        "meta_path": list(_sys.meta_path),
+        "path_hooks": list(_sys.path_hooks),
+        "path_importer_cache": dict(_sys.path_importer_cache),
+        "warnings_filters": list(_warnings.filters),
+        "dispatch_table": dict(_copyreg.dispatch_table),
+        "environ": dict(_os.environ),
+        "recursionlimit": _sys.getrecursionlimit(),
+        "switchinterval": _sys.getswitchinterval(),
+        "int_max_str_digits": _sys.get_int_max_str_digits(),
+        "gc_threshold": _gc.get_threshold(),
+        "monitoring_tools": _monitoring_tools(),
+    }
+
+
+def _monitoring_tools():
+    mon = getattr(_sys, "monitoring", None)
+    if mon is None:
+        return {}
+    return {i: mon.get_tool(i) for i in range(6)}
+
+
+# --- running an atom ---------------------------------------------------------
+
+def _qualname(tp):
+    module = getattr(tp, "__module__", None) or "builtins"
+    return f"{module}.{getattr(tp, '__qualname__', tp.__name__)}"
+
+
+def _safe_str(obj):
+    try:
+        return str(obj)
+    except BaseException as e:  # noqa: BLE001 - a broken __str__ must not escape
+        return f"<str() failed: {type(e).__name__}>"
+
+
+def _dumps(value):
+    try:
+        return _pickle.dumps(value, protocol=5)
+    except Exception:
+        pass
+    try:
+        return _cloudpickle.dumps(value, protocol=5)
+    except Exception as e:
+        raise TypeError(
+            f"the atom's return value of type {_qualname(type(value))} cannot be pickled: "
+            f"{_safe_str(e)}"
+        ) from None
+
+
+def _run_source(src, ns, loc):
+    # Registered so that tracebacks show the atom's lines.
+    _linecache.cache[_ATOM_FILE] = (len(src), None, src.splitlines(True), _ATOM_FILE)
+    try:
+        code = compile(src, _ATOM_FILE, "eval", dont_inherit=True)
+    except SyntaxError:
+        pass
+    else:
+        return eval(code, ns, loc)
+    tree = _ast.parse(src, _ATOM_FILE, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], _ast.Expr):
+        last = _ast.Expression(tree.body.pop().value)
+    exec(compile(tree, _ATOM_FILE, "exec", dont_inherit=True), ns, loc)
+    if last is not None:
+        return eval(compile(last, _ATOM_FILE, "eval", dont_inherit=True), ns, loc)
+    return None
+
+
+def _run(kind, payload, gbytes, lbytes):
+    ns = {"__builtins__": _builtins, "__name__": "__main__"}
+    g = _pickle.loads(gbytes) if gbytes is not None else None
+    loc = _pickle.loads(lbytes) if lbytes is not None else None
+    if g is not None:
+        ns.update(g)
+    if kind == _SOURCE:
+        return _run_source(payload.decode("utf-8"), ns, loc)
+    if kind == _CODE:
+        return eval(_pickle.loads(payload), ns, loc)
+    if kind == _FUNCTION:
+        fn = _pickle.loads(payload)
+        # A function carries its own globals; the atom's globals are added to them.
+        fg = getattr(fn, "__globals__", None)
+        if g is not None and type(fg) is dict:
+            fg.update(g)
+        return fn()
+    raise ValueError(f"unknown atom kind {kind}")
+
+
+def _names_fork_backend(e):
+    """If the import failed because the module refuses sub-interpreters, says so
+    in the exception's message (the chain is searched: packages re-raise)."""
+    seen = set()
+    cur = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = _safe_str(cur)
+        if any(marker in text for marker in _SUBINTERP_REFUSALS):
+            break
+        cur = cur.__cause__ or cur.__context__
+    else:
+        return
+    message = _safe_str(e) + _FORK_HINT
+    try:
+        e.msg = message
+        e.args = (message,) + tuple(e.args[1:])
+    except Exception:
+        pass
+
+
+def _exception_result(e):
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == _HELPER_FILE:
+        tb = tb.tb_next
+    try:
+        e = e.with_traceback(tb)
+    except Exception:
+        pass
+    if isinstance(e, ImportError):
+        _names_fork_backend(e)
+    try:
+        text = "".join(_traceback.format_exception(type(e), e, tb))
+    except BaseException:  # noqa: BLE001
+        text = f"{_qualname(type(e))}: {_safe_str(e)}\n"
+    pickled = None
+    for dumps in (_pickle.dumps, _cloudpickle.dumps):
+        try:
+            data = dumps(e, protocol=5)
+            _pickle.loads(data)  # an exception that pickles but cannot be rebuilt is useless
+        except BaseException:  # noqa: BLE001
+            continue
+        pickled = data
+        break
+    return (1, _qualname(type(e)), _safe_str(e), text, pickled)
+
+
+def _flush():
+    for stream in {id(s): s for s in (_sys.stdout, _sys.stderr, _stdout, _stderr)}.values():
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - a closed or odd stream must not fail the atom
+            pass
+
+
+def run(kind, payload, gbytes, lbytes):
+    """Returns (0, pickled value) or (1, type name, message, traceback, pickled exception or None)."""
+    try:
+        try:
+            return (0, _dumps(_run(kind, payload, gbytes, lbytes)))
+        except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are results too
+            return _exception_result(e)
+        finally:
+            _linecache.cache.pop(_ATOM_FILE, None)
+            _flush()
+    except BaseException as e:  # noqa: BLE001 - an interrupt may land in the handlers above
+        return (1, _qualname(type(e)), _safe_str(e), "", None)
+
+
+# --- resetting between sessions ----------------------------------------------
+
+def _restore_dict(cur, snap):
+    if len(cur) == len(snap):
+        for k, v in snap.items():
+            if cur.get(k, _MISSING) is not v:
+                break
+        else:
+            return
+    for k in [k for k in cur if k not in snap]:
+        del cur[k]
+    for k, v in snap.items():
+        if cur.get(k, _MISSING) is not v:
+            cur[k] = v
+
+
+def _restore_list(cur, snap):
+    if len(cur) != len(snap) or any(a is not b for a, b in zip(cur, snap)):
+        cur[:] = snap
+
+
+def reset():
+    """Restores the warm snapshot. Returns the number of Python threads that the
+    session left running (they keep running: the engine logs them)."""
+    s = _snap
+    _flush()
+    if _stdout.closed or _stderr.closed:
+        old = (_stdout, _stderr, _stdin)
+        _open_streams()
+        for _, d in s["dicts"]:
+            for k in ("stdout", "__stdout__", "stderr", "__stderr__", "stdin", "__stdin__"):
+                if d.get(k, _MISSING) in old:
+                    d[k] = {"stdout": _stdout, "__stdout__": _stdout, "stderr": _stderr,
+                            "__stderr__": _stderr, "stdin": _stdin, "__stdin__": _stdin}[k]
+
+    for func in _atexit_registered:
+        _atexit.unregister(func)
+    _atexit_registered.clear()
+
+    modules = _sys.modules
+    snap_modules = s["modules"]
+    for name in [n for n in modules if n not in snap_modules]:
+        modules.pop(name, None)
+    for name, module in snap_modules.items():
+        if modules.get(name, _MISSING) is not module:
+            modules[name] = module
+    for cur, snap in s["dicts"]:
+        _restore_dict(cur, snap)
+
+    _restore_list(_sys.path, s["path"])
+    _restore_list(_sys.meta_path, s["meta_path"])
+    _restore_list(_sys.path_hooks, s["path_hooks"])
+    _restore_dict(_sys.path_importer_cache, s["path_importer_cache"])
+    _restore_list(_warnings.filters, s["warnings_filters"])
+    mutated = getattr(_warnings, "_filters_mutated", None)
+    if mutated is not None:
+        mutated()
+    _restore_dict(_copyreg.dispatch_table, s["dispatch_table"])
+    _linecache.clearcache()
+
+    env = s["environ"]
+    if dict(_os.environ) != env:
+        for k in [k for k in _os.environ if k not in env]:
+            del _os.environ[k]
+        for k, v in env.items():
+            if _os.environ.get(k) != v:
+                _os.environ[k] = v
+    if _workdir is not None and _os.getcwd() != _workdir:
+        _os.chdir(_workdir)
+
+    _sys.setrecursionlimit(s["recursionlimit"])
+    _sys.setswitchinterval(s["switchinterval"])
+    _sys.set_int_max_str_digits(s["int_max_str_digits"])
+    _sys.settrace(None)
+    _sys.setprofile(None)
+    mon = getattr(_sys, "monitoring", None)
+    if mon is not None:
+        for i, name in s["monitoring_tools"].items():
+            if mon.get_tool(i) != name:
+                for event_tool in (i,):
+                    try:
+                        mon.set_events(event_tool, 0)
+                        mon.free_tool_id(event_tool)
+                    except Exception:
+                        pass
+    _gc.enable()
+    _gc.set_threshold(*s["gc_threshold"])
+    _gc.collect()
+
+    main = _threading.main_thread()
+    return sum(
+        1 for t in _threading.enumerate()
+        if t is not main and not isinstance(t, _threading._DummyThread)
+    )

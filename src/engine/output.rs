@@ -1,0 +1,363 @@
+//! Moves what an atom prints from its interpreter's pipes to the session's sink.
+//!
+//! Each executor thread has a companion *pump* thread. While the executor runs
+//! an atom, the pump `poll(2)`s that interpreter's stdout and stderr pipes,
+//! splits what it reads into lines and hands them to the sink in batches. The
+//! pump, not the executor, calls `sink.output`, so a client that reads slowly
+//! stalls only the atom whose output it is (the pipe fills and the atom's
+//! `print` blocks), never other sessions.
+//!
+//! When the atom returns, the executor (having flushed `sys.stdout`/`stderr`)
+//! asks the pump to *finish*: the pump reads both pipes until they are empty,
+//! delivers the rest including a final partial line, and only then answers. The
+//! executor sends `end_of_output` after that, and starts the session's next atom
+//! only after the result, so no byte can be attributed to the wrong atom —
+//! except bytes written by threads the atom started and left running: those
+//! written before the drain belong to this atom, later ones to the session's
+//! next atom (they wait in the pipe until then).
+//!
+//! Lines longer than `max_line` are delivered in pieces of `max_line` bytes;
+//! such a piece, and an atom's final partial line, is the last thing in its
+//! `output` call and carries no `\n` (no byte is ever added or dropped).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{self, Receiver, Sender};
+
+use super::Sink;
+
+/// Largest batch handed to one `sink.output` call (plus at most one line).
+const BATCH: usize = 256 * 1024;
+
+/// Splits a byte stream into lines and pieces, collecting `output` batches.
+pub(crate) struct Splitter {
+    max_line: usize,
+    /// Bytes of an unfinished line; always shorter than `max_line`.
+    partial: Vec<u8>,
+    /// The batch being built.
+    batch: Vec<u8>,
+    /// Batches ready to deliver.
+    ready: Vec<Vec<u8>>,
+}
+
+impl Splitter {
+    pub(crate) fn new(max_line: usize) -> Splitter {
+        Splitter {
+            max_line: max_line.max(1),
+            partial: Vec::new(),
+            batch: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    fn cut(&mut self) {
+        if !self.batch.is_empty() {
+            self.ready.push(std::mem::take(&mut self.batch));
+        }
+    }
+
+    /// Adds one complete unit: a line ending in `\n` (`whole`) or a piece.
+    fn unit(&mut self, data: &[u8], whole: bool) {
+        if self.batch.len() + data.len() > BATCH {
+            self.cut();
+        }
+        self.batch.extend_from_slice(data);
+        if !whole {
+            self.cut();
+        }
+    }
+
+    /// Feeds bytes read from the pipe.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let room = self.max_line - self.partial.len();
+            let newline = data.iter().take(room).position(|&b| b == b'\n');
+            match newline {
+                Some(i) => {
+                    let (line, rest) = data.split_at(i + 1);
+                    if self.partial.is_empty() {
+                        self.unit(line, true);
+                    } else {
+                        let mut full = std::mem::take(&mut self.partial);
+                        full.extend_from_slice(line);
+                        self.unit(&full, true);
+                    }
+                    data = rest;
+                }
+                None if data.len() < room => {
+                    self.partial.extend_from_slice(data);
+                    data = &[];
+                }
+                None => {
+                    // `room` bytes without a newline complete a max_line piece.
+                    let (piece, rest) = data.split_at(room);
+                    let mut full = std::mem::take(&mut self.partial);
+                    full.extend_from_slice(piece);
+                    self.unit(&full, false);
+                    data = rest;
+                }
+            }
+        }
+    }
+
+    /// At the atom's end: the final partial line becomes a unit.
+    pub(crate) fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let p = std::mem::take(&mut self.partial);
+            self.unit(&p, false);
+        }
+        self.cut();
+    }
+
+    /// Batches to deliver; completes the current batch first.
+    pub(crate) fn take(&mut self) -> Vec<Vec<u8>> {
+        self.cut();
+        std::mem::take(&mut self.ready)
+    }
+}
+
+enum PumpMsg {
+    Attach {
+        atom: u64,
+        sink: Sink,
+        fds: [RawFd; 2],
+    },
+    /// Drain, deliver everything, detach, then answer.
+    Finish(Sender<()>),
+}
+
+/// Handle to one pump thread.
+pub(crate) struct Pump {
+    ctrl: Sender<PumpMsg>,
+    wake_w: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pump {
+    pub(crate) fn start(name: String, max_line: usize) -> std::io::Result<Pump> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two fds on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh fds, ours.
+        let (wake_r, wake_w) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (ctrl, rx) = channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || pump_loop(rx, wake_r, max_line))?;
+        Ok(Pump {
+            ctrl,
+            wake_w,
+            thread: Some(thread),
+        })
+    }
+
+    fn wake(&self) {
+        // SAFETY: a one-byte write to our pipe; EAGAIN (full) means already woken.
+        unsafe { libc::write(self.wake_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    }
+
+    /// Starts forwarding the pipes `fds` (stdout, stderr) as `atom`'s output.
+    pub(crate) fn attach(&self, atom: u64, sink: Sink, fds: [RawFd; 2]) {
+        let _ = self.ctrl.send(PumpMsg::Attach { atom, sink, fds });
+        self.wake();
+    }
+
+    /// Returns once every byte in the pipes has been delivered and the pump has
+    /// let go of them.
+    pub(crate) fn finish(&self) {
+        let (tx, rx) = channel::bounded(1);
+        if self.ctrl.send(PumpMsg::Finish(tx)).is_ok() {
+            self.wake();
+            let _ = rx.recv();
+        }
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        // Disconnecting the channel and waking the thread makes it exit.
+        let (dead, _) = channel::unbounded();
+        self.ctrl = dead;
+        self.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Attached {
+    atom: u64,
+    sink: Sink,
+    fds: [RawFd; 2],
+    split: [Splitter; 2],
+}
+
+impl Attached {
+    /// Reads what `fd_index`'s pipe holds (up to about a batch, or everything if
+    /// `all`); returns false once the pipe is empty.
+    fn read(&mut self, i: usize, buf: &mut [u8], all: bool) -> bool {
+        let mut got = 0;
+        loop {
+            // SAFETY: reading into our buffer from a non-blocking fd.
+            let n = unsafe { libc::read(self.fds[i], buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                self.split[i].feed(&buf[..n as usize]);
+                got += n as usize;
+                if !all && got >= BATCH {
+                    return true;
+                }
+                continue;
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+    }
+
+    fn deliver(&mut self, i: usize) {
+        for batch in self.split[i].take() {
+            self.sink.output(self.atom, (i + 1) as u8, batch);
+        }
+    }
+}
+
+fn pump_loop(rx: Receiver<PumpMsg>, wake_r: OwnedFd, max_line: usize) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cur: Option<Attached> = None;
+    loop {
+        let mut pfds = [
+            libc::pollfd {
+                fd: wake_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if let Some(a) = &cur {
+            pfds[1].fd = a.fds[0];
+            pfds[2].fd = a.fds[1];
+        }
+        // SAFETY: polling our array of three pollfds (fd -1 entries are ignored).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, -1) };
+        if n < 0 {
+            continue; // EINTR
+        }
+        if let Some(a) = &mut cur {
+            for i in 0..2 {
+                if pfds[i + 1].revents != 0 {
+                    a.read(i, &mut buf, false);
+                    a.deliver(i);
+                }
+            }
+        }
+        if pfds[0].revents != 0 {
+            let mut sink = [0u8; 64];
+            // SAFETY: draining our wake pipe.
+            while unsafe { libc::read(wake_r.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) }
+                > 0
+            {}
+            loop {
+                match rx.try_recv() {
+                    Ok(PumpMsg::Attach { atom, sink, fds }) => {
+                        cur = Some(Attached {
+                            atom,
+                            sink,
+                            fds,
+                            split: [Splitter::new(max_line), Splitter::new(max_line)],
+                        });
+                    }
+                    Ok(PumpMsg::Finish(done)) => {
+                        if let Some(mut a) = cur.take() {
+                            for i in 0..2 {
+                                a.read(i, &mut buf, true);
+                                a.split[i].finish();
+                                a.deliver(i);
+                            }
+                        }
+                        let _ = done.send(());
+                    }
+                    Err(channel::TryRecvError::Empty) => break,
+                    Err(channel::TryRecvError::Disconnected) => return,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(max_line: usize, chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut s = Splitter::new(max_line);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c);
+            out.extend(s.take());
+        }
+        s.finish();
+        out.extend(s.take());
+        out
+    }
+
+    #[test]
+    fn lines_across_chunks_are_joined() {
+        let out = run(100, &[b"ab", b"c\nde", b"f\n"]);
+        assert_eq!(out.concat(), b"abc\ndef\n");
+        assert!(out.iter().all(|b| b.ends_with(b"\n")));
+    }
+
+    #[test]
+    fn final_partial_line_is_flushed_without_newline() {
+        let out = run(100, &[b"one\ntwo"]);
+        assert_eq!(out, vec![b"one\n".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn long_lines_are_split_into_max_line_pieces() {
+        let line: Vec<u8> = (0..25)
+            .map(|i| b'a' + (i % 26) as u8)
+            .chain([b'\n'])
+            .collect();
+        let out = run(10, &[&line[..7], &line[7..]]);
+        assert_eq!(out.concat(), line);
+        for batch in &out {
+            for seg in batch.split_inclusive(|&b| b == b'\n') {
+                assert!(seg.len() <= 10, "segment {seg:?}");
+            }
+        }
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn a_newline_exactly_at_max_line_is_one_line() {
+        let out = run(4, &[b"abc\nabcd"]);
+        assert_eq!(out, vec![b"abc\nabcd".to_vec()]);
+    }
+
+    #[test]
+    fn batches_are_bounded() {
+        let data: Vec<u8> = std::iter::repeat_n(b"0123456789\n".as_slice(), 100_000)
+            .flatten()
+            .copied()
+            .collect();
+        let out = run(1000, &[&data]);
+        assert_eq!(out.concat(), data);
+        assert!(out.iter().all(|b| b.len() <= BATCH));
+        assert!(out.len() > 1);
+    }
+}

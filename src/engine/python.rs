@@ -1,0 +1,284 @@
+//! CPython as a process-wide resource: initialisation from a `PyConfig` (so a
+//! virtualenv is honoured and Python installs no signal handlers), finalisation,
+//! and the few raw-FFI helpers the rest of the engine shares.
+//!
+//! Everything here uses `pyo3::ffi` directly and nothing of pyo3's safe API:
+//! pyo3 caches objects in process-wide statics, which would hand one
+//! sub-interpreter's objects to another (see `../shared/notes/subinterpreters.md`).
+//!
+//! Thread-state discipline, followed by every engine thread: a thread rests with
+//! *no* current thread state, enters an interpreter with
+//! `PyEval_RestoreThread(ts)` and leaves it with `PyEval_SaveThread()`. Each
+//! engine thread first creates an *anchor*, a thread state of the main
+//! interpreter that lives as long as the thread: CPython binds the first thread
+//! state a thread creates to that thread's `PyGILState` slot, and the anchor
+//! keeps sub-interpreter thread states (which the pool thread deletes on behalf
+//! of executors) out of it.
+
+use std::ffi::{c_char, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::ptr;
+
+use pyo3::ffi;
+
+use super::error::EngineError;
+
+/// An owned reference to a Python object. Must be created, used and dropped with
+/// the GIL of the interpreter that owns the object held by the current thread.
+pub(crate) struct PyRef(*mut ffi::PyObject);
+
+impl PyRef {
+    /// Takes ownership of a new reference; `None` when `ptr` is NULL (an error is set).
+    pub(crate) unsafe fn new(ptr: *mut ffi::PyObject) -> Option<PyRef> {
+        if ptr.is_null() {
+            None
+        } else {
+            Some(PyRef(ptr))
+        }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut ffi::PyObject {
+        self.0
+    }
+
+    /// Gives up ownership (for APIs that steal a reference).
+    pub(crate) fn into_ptr(self) -> *mut ffi::PyObject {
+        let p = self.0;
+        std::mem::forget(self);
+        p
+    }
+}
+
+impl Drop for PyRef {
+    fn drop(&mut self) {
+        // SAFETY: the type's contract: the owning interpreter's GIL is held.
+        unsafe { ffi::Py_DecRef(self.0) }
+    }
+}
+
+/// `bytes` from a Rust slice.
+pub(crate) unsafe fn bytes(data: &[u8]) -> Option<PyRef> {
+    unsafe {
+        PyRef::new(ffi::PyBytes_FromStringAndSize(
+            data.as_ptr().cast(),
+            data.len() as ffi::Py_ssize_t,
+        ))
+    }
+}
+
+/// A new reference to `None`.
+pub(crate) unsafe fn none() -> PyRef {
+    unsafe {
+        let p = ffi::Py_None();
+        ffi::Py_IncRef(p);
+        PyRef(p)
+    }
+}
+
+/// Copies a `bytes` object's contents (borrowed reference).
+pub(crate) unsafe fn bytes_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
+    unsafe {
+        let mut data: *mut c_char = ptr::null_mut();
+        let mut len: ffi::Py_ssize_t = 0;
+        if ffi::PyBytes_AsStringAndSize(obj, &mut data, &mut len) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        Some(std::slice::from_raw_parts(data.cast::<u8>(), len as usize).to_vec())
+    }
+}
+
+/// A `str` object's text (borrowed reference).
+pub(crate) unsafe fn str_to_string(obj: *mut ffi::PyObject) -> Option<String> {
+    unsafe {
+        let mut len: ffi::Py_ssize_t = 0;
+        let data = ffi::PyUnicode_AsUTF8AndSize(obj, &mut len);
+        if data.is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let slice = std::slice::from_raw_parts(data.cast::<u8>(), len as usize);
+        Some(String::from_utf8_lossy(slice).into_owned())
+    }
+}
+
+/// Takes the current Python exception (if any) and describes it as
+/// `TypeName: message`. Clears the error indicator.
+pub(crate) unsafe fn take_error() -> String {
+    unsafe {
+        let Some(exc) = PyRef::new(ffi::PyErr_GetRaisedException()) else {
+            return "unknown error (no exception set)".to_owned();
+        };
+        let tp = ffi::Py_TYPE(exc.as_ptr());
+        let name = CStr::from_ptr((*tp).tp_name).to_string_lossy().into_owned();
+        let message = PyRef::new(ffi::PyObject_Str(exc.as_ptr()))
+            .and_then(|s| str_to_string(s.as_ptr()))
+            .unwrap_or_default();
+        ffi::PyErr_Clear();
+        format!("{name}: {message}")
+    }
+}
+
+/// Calls `func(*args)`; the arguments are consumed.
+pub(crate) unsafe fn call(func: *mut ffi::PyObject, args: Vec<PyRef>) -> Option<PyRef> {
+    unsafe {
+        let tuple = PyRef::new(ffi::PyTuple_New(args.len() as ffi::Py_ssize_t))?;
+        for (i, arg) in args.into_iter().enumerate() {
+            // PyTuple_SetItem steals the reference, even on failure.
+            ffi::PyTuple_SetItem(tuple.as_ptr(), i as ffi::Py_ssize_t, arg.into_ptr());
+        }
+        PyRef::new(ffi::PyObject_Call(func, tuple.as_ptr(), ptr::null_mut()))
+    }
+}
+
+/// The version of the linked libpython, `major.minor.micro`.
+pub(crate) fn version() -> String {
+    // SAFETY: Py_GetVersion returns a static string and may be called any time.
+    let full = unsafe { CStr::from_ptr(ffi::Py_GetVersion()) }.to_string_lossy();
+    full.split_whitespace().next().unwrap_or("").to_owned()
+}
+
+/// The pthread id CPython records for the calling thread
+/// (`PyThread_get_thread_ident`, which `PyThreadState_SetAsyncExc` matches).
+pub(crate) fn thread_ident() -> u64 {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as u64 }
+}
+
+/// A thread state of the main interpreter, kept by an engine thread for its
+/// whole life (see the module comment). Not current after creation.
+pub(crate) struct Anchor(*mut ffi::PyThreadState);
+
+impl Anchor {
+    /// Call on the thread that will own it, with no thread state current.
+    pub(crate) fn new() -> Anchor {
+        // SAFETY: PyThreadState_New needs no GIL; the main interpreter lives until finalisation.
+        Anchor(unsafe { ffi::PyThreadState_New(ffi::PyInterpreterState_Main()) })
+    }
+}
+
+impl Drop for Anchor {
+    fn drop(&mut self) {
+        // SAFETY: dropped on its own thread with no thread state current, before
+        // finalisation; clearing needs the main interpreter's GIL.
+        unsafe {
+            ffi::PyEval_RestoreThread(self.0);
+            ffi::PyThreadState_Clear(self.0);
+            ffi::PyThreadState_DeleteCurrent();
+        }
+    }
+}
+
+/// The interpreter's executable for `PyConfig`: the venv's `bin/python` or,
+/// without a venv, the `bin/python3.X` next to the libpython we are linked to.
+fn executable(python_env: Option<&Path>) -> Result<Option<PathBuf>, EngineError> {
+    if let Some(env) = python_env {
+        for name in ["bin/python", "bin/python3"] {
+            let exe = env.join(name);
+            if exe.exists() {
+                return Ok(Some(exe));
+            }
+        }
+        return Err(EngineError::PythonEnvNotFound {
+            path: env.to_owned(),
+        });
+    }
+    // Without it, getpath searches PATH for "python3" and sys.executable comes
+    // out as whatever is found there (measured: a pyenv shim of another version).
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the address; Py_GetVersion is in libpython.
+    let found = unsafe { libc::dladdr(ffi::Py_GetVersion as *const libc::c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return Ok(None);
+    }
+    let lib = PathBuf::from(std::ffi::OsStr::from_bytes(
+        // SAFETY: dladdr returned a NUL-terminated path.
+        unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes(),
+    ));
+    let version = version();
+    let minor: String = version.split('.').take(2).collect::<Vec<_>>().join(".");
+    let exe = lib
+        .parent()
+        .and_then(Path::parent)
+        .map(|prefix| prefix.join("bin").join(format!("python{minor}")));
+    Ok(exe.filter(|e| e.exists()))
+}
+
+fn check(status: ffi::PyStatus, what: &str) -> Result<(), EngineError> {
+    // SAFETY: PyStatus_Exception only reads the struct.
+    if unsafe { ffi::PyStatus_Exception(status) } != 0 {
+        let detail = if status.err_msg.is_null() {
+            format!("exit code {}", status.exitcode)
+        } else {
+            // SAFETY: err_msg is a static C string when set.
+            unsafe { CStr::from_ptr(status.err_msg) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(EngineError::PythonInit {
+            message: format!("{what}: {detail}"),
+        });
+    }
+    Ok(())
+}
+
+fn cpath(path: &Path) -> Result<CString, EngineError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| EngineError::BadPath {
+        path: path.to_owned(),
+    })
+}
+
+/// Initialises CPython on the calling thread and releases the main GIL.
+/// Returns the main thread state, to be restored by [`finalize`].
+pub(crate) fn initialize(python_env: Option<&Path>) -> Result<usize, EngineError> {
+    // SAFETY: plain FFI calls in the order CPython documents for PyConfig.
+    unsafe {
+        if ffi::Py_IsInitialized() != 0 {
+            return Err(EngineError::AlreadyInitialized);
+        }
+        let exe = executable(python_env)?;
+        let mut config: ffi::PyConfig = std::mem::zeroed();
+        ffi::PyConfig_InitPythonConfig(&mut config);
+        config.install_signal_handlers = 0;
+        config.parse_argv = 0;
+        let result = (|| {
+            if let Some(exe) = &exe {
+                let c = cpath(exe)?;
+                let cfg = &raw mut config;
+                check(
+                    ffi::PyConfig_SetBytesString(cfg, &raw mut (*cfg).program_name, c.as_ptr()),
+                    "program_name",
+                )?;
+                check(
+                    ffi::PyConfig_SetBytesString(cfg, &raw mut (*cfg).executable, c.as_ptr()),
+                    "executable",
+                )?;
+            }
+            check(
+                ffi::Py_InitializeFromConfig(&config),
+                "Py_InitializeFromConfig",
+            )
+        })();
+        ffi::PyConfig_Clear(&mut config);
+        result?;
+        Ok(ffi::PyEval_SaveThread() as usize)
+    }
+}
+
+/// Finalises CPython. Every sub-interpreter must have been ended and every
+/// engine thread joined. `main_tstate` is what [`initialize`] returned; it is
+/// used when called on the thread that initialised Python, otherwise a fresh
+/// thread state of the main interpreter is made for this thread.
+pub(crate) fn finalize(main_tstate: usize, on_init_thread: bool) -> i32 {
+    // SAFETY: see the contract above; no thread state is current on this thread.
+    unsafe {
+        if on_init_thread {
+            ffi::PyEval_RestoreThread(main_tstate as *mut ffi::PyThreadState);
+        } else {
+            let ts = ffi::PyThreadState_New(ffi::PyInterpreterState_Main());
+            ffi::PyEval_RestoreThread(ts);
+        }
+        ffi::Py_FinalizeEx()
+    }
+}

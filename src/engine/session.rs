@@ -1,0 +1,480 @@
+//! Sessions and the executor threads that run their atoms.
+//!
+//! Scheduling: a session with work is *scheduled*: it sits once in the shared
+//! run queue (a crossbeam channel) or is held by exactly one executor. An
+//! executor takes a session, runs its next atom to completion (result
+//! delivered), and puts the session back at the end of the run queue if more
+//! atoms wait. So a session's atoms run in order and one at a time, sessions
+//! take turns on the executors, and different sessions run in parallel (each
+//! interpreter has its own GIL). Any executor may run any session: each keeps
+//! its own thread state per interpreter (see `interp.rs`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::Receiver;
+use slog::{debug, info, warn, Logger};
+
+use super::engine::Shared;
+use super::interp::{Interp, RawOutcome};
+use super::output::Pump;
+use super::watchdog::WatchMsg;
+use super::{AtomRequest, Sink};
+use crate::protocol::{AtomResult, FailureOrigin, Outcome, RemoteException};
+
+/// Why a running atom was interrupted; decides the failure's origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interruption {
+    Cancelled,
+    Timeout(Duration),
+    /// The session was closed.
+    Closed,
+    Shutdown,
+}
+
+struct Queued {
+    req: AtomRequest,
+    cancelled: bool,
+}
+
+struct Running {
+    atom: u64,
+    /// Engine-wide unique id of this run (atom ids are only unique per session).
+    serial: u64,
+    reason: Option<Interruption>,
+}
+
+struct SessState {
+    queue: VecDeque<Queued>,
+    running: Option<Running>,
+    /// In the run queue or held by an executor.
+    scheduled: bool,
+    closed: bool,
+    /// The session's interpreter; given back to the pool when the session is
+    /// closed and no executor holds it.
+    interp: Option<Arc<Interp>>,
+}
+
+pub(crate) struct SessionCore {
+    /// Key in the engine's registry of live sessions.
+    key: u64,
+    id: u64,
+    sink: Sink,
+    log: Logger,
+    shared: Arc<Shared>,
+    st: Mutex<SessState>,
+}
+
+/// Work for the executors.
+pub(crate) enum Job {
+    Run(Arc<SessionCore>),
+    Stop,
+}
+
+impl SessionCore {
+    pub(crate) fn new(
+        key: u64,
+        id: u64,
+        sink: Sink,
+        log: Logger,
+        shared: Arc<Shared>,
+        interp: Arc<Interp>,
+    ) -> SessionCore {
+        SessionCore {
+            key,
+            id,
+            sink,
+            log,
+            shared,
+            st: Mutex::new(SessState {
+                queue: VecDeque::new(),
+                running: None,
+                scheduled: false,
+                closed: false,
+                interp: Some(interp),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SessState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn log(&self) -> &Logger {
+        &self.log
+    }
+
+    /// Records why `serial` is interrupted (`reason` None: a repeat of an earlier
+    /// interrupt) and returns its interpreter and atom id if it still runs.
+    pub(crate) fn mark_interrupted(
+        &self,
+        serial: u64,
+        reason: Option<Interruption>,
+    ) -> Option<(Arc<Interp>, u64)> {
+        let mut st = self.lock();
+        let interp = st.interp.clone()?;
+        let running = st.running.as_mut().filter(|r| r.serial == serial)?;
+        match reason {
+            Some(r) if running.reason.is_none() => running.reason = Some(r),
+            Some(_) => {}
+            None if running.reason.is_none() => return None,
+            None => {}
+        }
+        Some((interp, running.atom))
+    }
+
+    /// Interrupts whatever atom runs now, recording `reason`. Returns its id.
+    pub(crate) fn interrupt_running(self: &Arc<Self>, reason: Interruption) -> Option<u64> {
+        let mut st = self.lock();
+        let interp = st.interp.clone()?;
+        let running = st.running.as_mut()?;
+        if running.reason.is_none() {
+            running.reason = Some(reason);
+        }
+        let (atom, serial) = (running.atom, running.serial);
+        drop(st);
+        let _ = self.shared.watch_tx.send(WatchMsg::Interrupt {
+            session: Arc::downgrade(self),
+            interp,
+            serial,
+        });
+        Some(atom)
+    }
+
+    fn deliver_failure(&self, atom: u64, origin: FailureOrigin, type_name: &str, message: String) {
+        self.sink.end_of_output(atom);
+        self.sink.result(
+            atom,
+            AtomResult {
+                duration_us: 0,
+                outcome: Outcome::Exception(RemoteException {
+                    origin,
+                    type_name: type_name.to_owned(),
+                    message,
+                    traceback: String::new(),
+                    pickled: None,
+                }),
+            },
+        );
+    }
+
+    fn submit(self: &Arc<Self>, atom: AtomRequest) {
+        let mut st = self.lock();
+        if st.closed {
+            debug!(self.log, "atom submitted to a closed session dropped"; "atom" => atom.id);
+            return;
+        }
+        if self.shared.stopped.load(Ordering::Acquire) {
+            drop(st);
+            self.deliver_failure(
+                atom.id,
+                FailureOrigin::Shutdown,
+                "builtins.RuntimeError",
+                "the server is shutting down".into(),
+            );
+            return;
+        }
+        st.queue.push_back(Queued {
+            req: atom,
+            cancelled: false,
+        });
+        if !st.scheduled {
+            st.scheduled = true;
+            let _ = self.shared.runq_tx.send(Job::Run(self.clone()));
+        }
+    }
+
+    fn cancel(self: &Arc<Self>, atom: u64) -> bool {
+        let mut st = self.lock();
+        if let Some(q) = st
+            .queue
+            .iter_mut()
+            .find(|q| q.req.id == atom && !q.cancelled)
+        {
+            // Delivered in its turn, so results stay in submission order.
+            q.cancelled = true;
+            info!(self.log, "queued atom cancelled"; "atom" => atom);
+            return true;
+        }
+        let runs = st.running.as_ref().is_some_and(|r| r.atom == atom);
+        drop(st);
+        if runs && self.interrupt_running(Interruption::Cancelled) == Some(atom) {
+            info!(self.log, "running atom cancelled, interrupting"; "atom" => atom);
+            return true;
+        }
+        false
+    }
+
+    fn close(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        st.closed = true;
+        let dropped = st.queue.len();
+        st.queue.clear();
+        let running = st.running.as_ref().map(|r| r.atom);
+        let idle_interp = if st.scheduled { None } else { st.interp.take() };
+        drop(st);
+        if let Some(atom) = running {
+            info!(self.log, "session closed mid-atom, interrupting"; "atom" => atom);
+            self.interrupt_running(Interruption::Closed);
+        }
+        if let Some(interp) = idle_interp {
+            self.shared.recycle(interp);
+        }
+        self.shared.forget_session(self.key);
+        info!(self.log, "session closed"; "dropped_atoms" => dropped);
+    }
+}
+
+/// A PyProxy session's handle on the engine: its own interpreter, its queue.
+pub struct EngineSession {
+    core: Arc<SessionCore>,
+}
+
+impl EngineSession {
+    pub(crate) fn new(core: Arc<SessionCore>) -> EngineSession {
+        EngineSession { core }
+    }
+
+    /// The session id this handle was opened with.
+    pub fn id(&self) -> u64 {
+        self.core.id
+    }
+
+    /// Queue an atom; never blocks on Python. Atoms of one session run strictly in order.
+    pub fn submit(&self, atom: AtomRequest) {
+        self.core.submit(atom);
+    }
+
+    /// Drop a queued atom or interrupt a running one (KeyboardInterrupt in its
+    /// interpreter). The atom still gets `end_of_output` and a result (origin
+    /// Cancelled, unless it finished first). Returns false if unknown or finished.
+    pub fn cancel(&self, atom_id: u64) -> bool {
+        self.core.cancel(atom_id)
+    }
+
+    /// End the session: queued atoms dropped without sink calls, a running atom
+    /// interrupted, the interpreter reset and returned for reuse. Idempotent;
+    /// also done on drop. Sink calls for the interrupted atom may still arrive.
+    pub fn close(&self) {
+        self.core.close();
+    }
+}
+
+impl Drop for EngineSession {
+    fn drop(&mut self) {
+        self.core.close();
+    }
+}
+
+/// One executor thread: its index (for per-interpreter thread states) and pump.
+pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>, pump: Pump) {
+    let _anchor = super::python::Anchor::new();
+    while let Ok(Job::Run(core)) = rx.recv() {
+        run_next(index, &shared, &core, &pump);
+    }
+    drop(pump);
+}
+
+fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &Pump) {
+    let stopping = shared.stopping.load(Ordering::Acquire);
+    let mut st = core.lock();
+    if st.closed {
+        st.scheduled = false;
+        let interp = st.interp.take();
+        drop(st);
+        if let Some(interp) = interp {
+            shared.recycle(interp);
+        }
+        return;
+    }
+    if stopping {
+        // No new atom starts; everything queued is answered now, in order.
+        let queued: Vec<Queued> = st.queue.drain(..).collect();
+        st.scheduled = false;
+        drop(st);
+        for q in queued {
+            core.deliver_failure(
+                q.req.id,
+                FailureOrigin::Shutdown,
+                "builtins.RuntimeError",
+                "the server is shutting down".into(),
+            );
+        }
+        return;
+    }
+    let Some(q) = st.queue.pop_front() else {
+        st.scheduled = false;
+        return;
+    };
+    let interp = st.interp.clone();
+    let serial = shared.next_serial();
+    if !q.cancelled {
+        st.running = Some(Running {
+            atom: q.req.id,
+            serial,
+            reason: None,
+        });
+    }
+    drop(st);
+
+    match interp {
+        Some(interp) if !q.cancelled => execute(index, shared, core, pump, &interp, q.req, serial),
+        _ => core.deliver_failure(
+            q.req.id,
+            FailureOrigin::Cancelled,
+            "builtins.KeyboardInterrupt",
+            format!("atom {} was cancelled before it started", q.req.id),
+        ),
+    }
+
+    let mut st = core.lock();
+    st.running = None;
+    if st.closed {
+        st.scheduled = false;
+        let interp = st.interp.take();
+        drop(st);
+        if let Some(interp) = interp {
+            shared.recycle(interp);
+        }
+    } else if st.queue.is_empty() {
+        st.scheduled = false;
+    } else {
+        drop(st);
+        let _ = shared.runq_tx.send(Job::Run(core.clone()));
+    }
+}
+
+fn execute(
+    index: usize,
+    shared: &Arc<Shared>,
+    core: &Arc<SessionCore>,
+    pump: &Pump,
+    interp: &Arc<Interp>,
+    req: AtomRequest,
+    serial: u64,
+) {
+    let log = &core.log;
+    let timeout = req.timeout.or(shared.config.default_timeout);
+    info!(log, "atom start"; "atom" => req.id, "kind" => ?req.kind, "interp" => interp.serial);
+    shared.busy_enter();
+    let start = Instant::now();
+    if let Some(t) = timeout {
+        let _ = shared.watch_tx.send(WatchMsg::Arm {
+            session: Arc::downgrade(core),
+            serial,
+            deadline: start + t,
+            timeout: t,
+        });
+    }
+    pump.attach(
+        req.id,
+        core.sink.clone(),
+        [interp.out_r_fd(), interp.err_r_fd()],
+    );
+    let tstate = interp.exec_tstate(index);
+    let raw = interp.run_atom(
+        tstate,
+        serial,
+        req.kind,
+        &req.payload,
+        req.globals.as_deref(),
+        req.locals.as_deref(),
+    );
+    let duration_us = start.elapsed().as_micros() as u64;
+    pump.finish();
+    if timeout.is_some() {
+        let _ = shared.watch_tx.send(WatchMsg::Disarm(serial));
+    }
+    let reason = core.lock().running.as_ref().and_then(|r| r.reason);
+    let outcome = outcome(req.id, raw, reason);
+    let label = match &outcome {
+        Outcome::Value { .. } => "value",
+        Outcome::Exception(e) => match e.origin {
+            FailureOrigin::Raised => "raised",
+            FailureOrigin::Timeout => "timeout",
+            FailureOrigin::Cancelled => "cancelled",
+            FailureOrigin::Shutdown => "shutdown",
+            _ => "error",
+        },
+    };
+    core.sink.end_of_output(req.id);
+    core.sink.result(
+        req.id,
+        AtomResult {
+            duration_us,
+            outcome,
+        },
+    );
+    shared.busy_leave();
+    if label == "error" {
+        warn!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
+    } else {
+        info!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
+    }
+}
+
+/// Turns what the helper returned into the wire outcome, accounting for an
+/// interrupt this engine caused.
+fn outcome(atom: u64, raw: RawOutcome, reason: Option<Interruption>) -> Outcome {
+    match (raw, reason) {
+        (RawOutcome::Value(pickled), _) => Outcome::Value { pickled },
+        (RawOutcome::Raised { traceback, .. }, Some(reason)) => {
+            let (origin, type_name, message) = match reason {
+                Interruption::Timeout(t) => (
+                    FailureOrigin::Timeout,
+                    "builtins.TimeoutError",
+                    format!("atom {atom} timed out after {:.1} s", t.as_secs_f64()),
+                ),
+                Interruption::Cancelled => (
+                    FailureOrigin::Cancelled,
+                    "builtins.KeyboardInterrupt",
+                    format!("atom {atom} was cancelled"),
+                ),
+                Interruption::Closed => (
+                    FailureOrigin::Cancelled,
+                    "builtins.KeyboardInterrupt",
+                    format!("atom {atom} was interrupted: its session was closed"),
+                ),
+                Interruption::Shutdown => (
+                    FailureOrigin::Shutdown,
+                    "builtins.KeyboardInterrupt",
+                    format!("atom {atom} was interrupted: the server is shutting down"),
+                ),
+            };
+            Outcome::Exception(RemoteException {
+                origin,
+                type_name: type_name.to_owned(),
+                message,
+                traceback,
+                pickled: None,
+            })
+        }
+        (
+            RawOutcome::Raised {
+                type_name,
+                message,
+                traceback,
+                pickled,
+            },
+            None,
+        ) => Outcome::Exception(RemoteException {
+            origin: FailureOrigin::Raised,
+            type_name,
+            message,
+            traceback,
+            pickled,
+        }),
+        (RawOutcome::Internal(message), _) => Outcome::Exception(RemoteException {
+            origin: FailureOrigin::ServerError,
+            type_name: "builtins.RuntimeError".into(),
+            message: format!("the server could not run atom {atom}: {message}"),
+            traceback: String::new(),
+            pickled: None,
+        }),
+    }
+}
