@@ -13,7 +13,12 @@ const SECRET: [u8; 32] = [0x33; 32];
 fn hex_dump(bytes: &[u8]) -> String {
     bytes
         .chunks(16)
-        .map(|row| row.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
+        .map(|row| {
+            row.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -139,7 +144,10 @@ fn worked_example_in_the_spec_matches_the_code() {
             missing.push(title);
         }
     }
-    assert!(missing.is_empty(), "docs/protocol.md lacks the current hex of: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "docs/protocol.md lacks the current hex of: {missing:?}"
+    );
 }
 
 #[test]
@@ -149,7 +157,9 @@ fn kind_table_in_the_spec_follows_the_enum() {
     let mut last = 0;
     for kind in Kind::ALL {
         let row = format!("| `0x{:02x}` | `{}` |", *kind as u8, kind.name());
-        let at = spec.find(&row).unwrap_or_else(|| panic!("kind table lacks row {row}"));
+        let at = spec
+            .find(&row)
+            .unwrap_or_else(|| panic!("kind table lacks row {row}"));
         assert!(at > last, "{row} is out of order");
         last = at;
     }
