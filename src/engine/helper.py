@@ -85,20 +85,24 @@ def _tracking_register(func, *args, **kwargs):
 _real_atexit_register = _atexit.register
 
 
-def setup(out_fd, err_fd, workdir, preload):
+def setup(out_fd, err_fd, workdir, preload, environ):
     """Points the standard streams at the engine's pipes, imports the preload
-    modules and takes the snapshot that reset() restores."""
+    modules and takes the snapshot that reset() restores. `environ` is the
+    process environment when the engine started: the environment is
+    process-wide, so an interpreter warmed up while a session had changed it
+    must not take that change for its baseline."""
     global _out_fd, _err_fd, _workdir
     _out_fd, _err_fd, _workdir = out_fd, err_fd, workdir
     _open_streams()
+    _restore_environ(environ)
     for name in preload:
         __import__(name)
     _atexit.register = _tracking_register
     _gc.collect()
-    _take_snapshot()
+    _take_snapshot(environ)
 
 
-def _take_snapshot():
+def _take_snapshot(environ):
     global _snap
     modules = dict(_sys.modules)
     dicts = []
@@ -115,7 +119,7 @@ def _take_snapshot():
         "path_importer_cache": dict(_sys.path_importer_cache),
         "warnings_filters": list(_warnings.filters),
         "dispatch_table": dict(_copyreg.dispatch_table),
-        "environ": dict(_os.environ),
+        "environ": dict(environ),
         "recursionlimit": _sys.getrecursionlimit(),
         "switchinterval": _sys.getswitchinterval(),
         "int_max_str_digits": _sys.get_int_max_str_digits(),
@@ -129,6 +133,15 @@ def _monitoring_tools():
     if mon is None:
         return {}
     return {i: mon.get_tool(i) for i in range(6)}
+
+
+def _restore_environ(env):
+    if dict(_os.environ) != env:
+        for k in [k for k in _os.environ if k not in env]:
+            del _os.environ[k]
+        for k, v in env.items():
+            if _os.environ.get(k) != v:
+                _os.environ[k] = v
 
 
 # --- running an atom ---------------------------------------------------------
@@ -327,13 +340,7 @@ def reset():
     _restore_dict(_copyreg.dispatch_table, s["dispatch_table"])
     _linecache.clearcache()
 
-    env = s["environ"]
-    if dict(_os.environ) != env:
-        for k in [k for k in _os.environ if k not in env]:
-            del _os.environ[k]
-        for k, v in env.items():
-            if _os.environ.get(k) != v:
-                _os.environ[k] = v
+    _restore_environ(s["environ"])
     if _workdir is not None and _os.getcwd() != _workdir:
         _os.chdir(_workdir)
 

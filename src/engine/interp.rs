@@ -119,6 +119,7 @@ impl Interp {
         executors: usize,
         workdir: Option<&str>,
         preload: &[String],
+        environ: &[(String, String)],
     ) -> Result<Interp, EngineError> {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -168,7 +169,7 @@ impl Interp {
             _err_w: err_w,
         };
         // SAFETY: the GIL of the new interpreter is held by this thread.
-        let warmed = unsafe { interp.warm_up(workdir, preload) };
+        let warmed = unsafe { interp.warm_up(workdir, preload, environ) };
         // SAFETY: release the GIL; no thread state current afterwards.
         unsafe { ffi::PyEval_SaveThread() };
         match warmed {
@@ -183,7 +184,12 @@ impl Interp {
         }
     }
 
-    unsafe fn warm_up(&mut self, workdir: Option<&str>, preload: &[String]) -> Result<(), String> {
+    unsafe fn warm_up(
+        &mut self,
+        workdir: Option<&str>,
+        preload: &[String],
+        environ: &[(String, String)],
+    ) -> Result<(), String> {
         unsafe {
             let source = CString::new(HELPER_SOURCE).expect("helper has no NUL");
             let file = CString::new(HELPER_FILE).expect("no NUL");
@@ -230,6 +236,19 @@ impl Interp {
                     .ok_or_else(|| python::take_error())?;
                 ffi::PyList_Append(list.as_ptr(), s.as_ptr());
             }
+            let env = PyRef::new(ffi::PyDict_New()).ok_or_else(|| python::take_error())?;
+            for (k, v) in environ {
+                let text = |t: &str| {
+                    PyRef::new(ffi::PyUnicode_FromStringAndSize(
+                        t.as_ptr().cast(),
+                        t.len() as ffi::Py_ssize_t,
+                    ))
+                };
+                let (Some(k), Some(v)) = (text(k), text(v)) else {
+                    return Err(python::take_error());
+                };
+                ffi::PyDict_SetItem(env.as_ptr(), k.as_ptr(), v.as_ptr());
+            }
             let args = vec![
                 PyRef::new(ffi::PyLong_FromLong(self.out_fd() as _))
                     .ok_or_else(|| python::take_error())?,
@@ -237,6 +256,7 @@ impl Interp {
                     .ok_or_else(|| python::take_error())?,
                 wd,
                 list,
+                env,
             ];
             python::call(setup.as_ptr(), args)
                 .map(drop)

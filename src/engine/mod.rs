@@ -67,7 +67,7 @@ pub trait SessionSink: Send + Sync + 'static {
 /// Shared handle to a sink.
 pub type Sink = Arc<dyn SessionSink>;
 
-mod engine;
+mod runtime;
 mod error;
 mod interp;
 mod output;
@@ -75,6 +75,6 @@ mod python;
 mod session;
 mod watchdog;
 
-pub use engine::Engine;
+pub use runtime::Engine;
 pub use error::EngineError;
 pub use session::EngineSession;

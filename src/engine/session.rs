@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::Receiver;
 use slog::{debug, info, warn, Logger};
 
-use super::engine::Shared;
+use super::runtime::Shared;
 use super::interp::{Interp, RawOutcome};
 use super::output::Pump;
 use super::watchdog::WatchMsg;

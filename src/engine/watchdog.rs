@@ -61,10 +61,10 @@ pub(crate) fn watchdog_loop(rx: Receiver<WatchMsg>) {
     let mut order: BTreeSet<(Instant, u64)> = BTreeSet::new();
     let mut timers: HashMap<u64, (Instant, Timer)> = HashMap::new();
     let set = |order: &mut BTreeSet<(Instant, u64)>,
-                   timers: &mut HashMap<u64, (Instant, Timer)>,
-                   serial: u64,
-                   at: Instant,
-                   t: Timer| {
+               timers: &mut HashMap<u64, (Instant, Timer)>,
+               serial: u64,
+               at: Instant,
+               t: Timer| {
         if let Some((old, _)) = timers.insert(serial, (at, t)) {
             order.remove(&(old, serial));
         }

@@ -157,6 +157,8 @@ impl Engine {
         let workdir = std::env::current_dir()
             .ok()
             .and_then(|p| p.to_str().map(str::to_owned));
+        // The environment every interpreter is reset to (see helper.setup).
+        let environ: Vec<(String, String)> = std::env::vars().collect();
         let main_tstate = python::initialize(config.python_env.as_deref())?;
         let python_version = python::version();
         info!(log, "python initialised"; "version" => &python_version,
@@ -196,7 +198,7 @@ impl Engine {
             let workdir = workdir.clone();
             spawn(
                 "pyproxy-pool".into(),
-                Box::new(move || pool_loop(shared, pool_rx, first_tx, workdir)),
+                Box::new(move || pool_loop(shared, pool_rx, first_tx, workdir, environ)),
             )?
         };
         let first: Result<(), EngineError> =
@@ -379,6 +381,7 @@ fn pool_loop(
     rx: Receiver<PoolMsg>,
     first: Sender<Result<(), EngineError>>,
     workdir: Option<String>,
+    environ: Vec<(String, String)>,
 ) {
     let _anchor = python::Anchor::new();
     let log = shared.log.new(o!("thread" => "pool"));
@@ -393,6 +396,7 @@ fn pool_loop(
             config.executors,
             workdir.as_deref(),
             &config.preload,
+            &environ,
         )?);
         all.push(interp.clone());
         slog::debug!(log, "interpreter created"; "interp" => serial, "ms" => started.elapsed().as_millis() as u64);
