@@ -197,11 +197,21 @@ class Closed(Exception):
     """The server closed the connection."""
 
 
+_open: list["Conn"] = []
+
+
+def close_all() -> None:
+    """Closes every connection this module opened (tests call it at teardown)."""
+    while _open:
+        _open.pop().close()
+
+
 class Conn:
     """One TCP connection with frame-level reads."""
 
     def __init__(self, host: str, port: int, timeout: float = 10.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        _open.append(self)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 

@@ -1,0 +1,299 @@
+"""The real `pyproxy-server` at the wire level: handshake, attach, limits and
+refusals, driven over raw sockets with integration/wire.py. Every refusal is
+checked to leave an existing, well-behaved session undisturbed."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+
+import wire
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    yield
+    wire.close_all()
+
+
+def assert_healthy(s: wire.Session, atom: int) -> None:
+    """The session still runs atoms and delivers their output."""
+    lines, res = s.run(atom, f"print('alive {atom}'); {atom} * 2")
+    assert lines == [(1, f"alive {atom}")]
+    assert res.kind == wire.RESULT and res.decoded["ok"], res
+    assert pickle.loads(res.decoded["value"]) == atom * 2
+
+
+def test_handshake_ok_and_first_atom(server):
+    s = wire.open_session(server.host, server.port, server.token)
+    w = s.welcome
+    assert w["session_id"] >= 1
+    assert w["backend"] == "subinterp"
+    assert w["implementation"] == "cpython"
+    assert w["python_version"].count(".") == 2
+    assert w["max_frame"] > 0 and w["max_pipelined"] > 0 and w["max_line"] > 0
+    lines, res = s.run(1, "import sys\nprint('out')\nprint('err', file=sys.stderr)\n6*7")
+    assert lines == [(1, "out"), (2, "err")]
+    assert pickle.loads(res.decoded["value"]) == 42
+    s.close()
+
+
+def test_session_ids_are_unique(server):
+    sessions = [wire.open_session(server.host, server.port, server.token) for _ in range(5)]
+    assert len({s.id for s in sessions}) == 5
+    for s in sessions:
+        s.close()
+
+
+def test_session_logs_arrive_as_log_frames(server):
+    s = wire.open_session(server.host, server.port, server.token)
+    s.main.send(wire.eval_frame(1, "2+2"))
+    logs = []
+    deadline = time.monotonic() + 10
+    done = False
+    while time.monotonic() < deadline and not (done and any("atom end" in l["message"] for l in logs)):
+        try:
+            f = s.out.read(0.5)
+        except TimeoutError:
+            continue
+        if f.kind == wire.LOG:
+            logs.append(f.decoded)
+        elif f.kind == wire.END_OF_OUTPUT:
+            done = True
+    messages = [l["message"] for l in logs]
+    assert "client connected" in messages, messages
+    assert any("atom end" in m for m in messages), messages
+    assert all(l["fields"].get("session") == str(s.id) for l in logs)
+    assert server.token not in repr(logs)
+    s.close()
+    assert server.token not in server.log_text(), "the token never appears in the log"
+
+
+def test_wrong_token_refused_and_existing_session_undisturbed(server):
+    good = wire.open_session(server.host, server.port, server.token)
+    c = wire.Conn(server.host, server.port)
+    ch = c.read_kind(wire.CHALLENGE)
+    assert ch.decoded["auth_required"] is True
+    c.send(wire.hello(b"not-the-token", ch.decoded["server_nonce"]))
+    err = c.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.AUTH_FAILED, err
+    assert c.is_closed()
+    assert_healthy(good, 1)
+    assert "connection refused" in server.log_text()
+    good.close()
+
+
+def test_replayed_hello_against_a_new_challenge_is_refused(server):
+    # Record a valid HELLO for one connection's nonce and replay it on another.
+    c1 = wire.Conn(server.host, server.port)
+    ch1 = c1.read_kind(wire.CHALLENGE)
+    recorded = wire.hello(server.token.encode(), ch1.decoded["server_nonce"])
+    c2 = wire.Conn(server.host, server.port)
+    ch2 = c2.read_kind(wire.CHALLENGE)
+    assert ch1.decoded["server_nonce"] != ch2.decoded["server_nonce"]
+    c2.send(recorded)
+    err = c2.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.AUTH_FAILED
+    assert c2.is_closed()
+    # The original connection can still use it.
+    c1.send(recorded)
+    assert c1.read().kind == wire.WELCOME
+    c1.close()
+
+
+def test_protocol_version_mismatch_refused(server):
+    c = wire.Conn(server.host, server.port)
+    ch = c.read_kind(wire.CHALLENGE)
+    c.send(wire.hello(server.token.encode(), ch.decoded["server_nonce"], version=99))
+    err = c.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.VERSION_MISMATCH
+    assert "99" in err.decoded["message"]
+
+
+def test_attach_with_wrong_secret_refused_and_session_undisturbed(server):
+    main, welcome = wire.handshake(server.host, server.port, server.token)
+    bad = wire.Conn(server.host, server.port)
+    bad.read_kind(wire.CHALLENGE)
+    bad.send(wire.attach(welcome["session_id"], os.urandom(32)))
+    err = bad.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.ATTACH_REFUSED, err
+    assert bad.is_closed()
+    # The real client can still attach and run atoms.
+    out = wire.Conn(server.host, server.port)
+    out.read_kind(wire.CHALLENGE)
+    out.send(wire.attach(welcome["session_id"], welcome["attach_secret"]))
+    out.read_kind(wire.ATTACHED)
+    s = wire.Session(main, out, welcome)
+    assert_healthy(s, 1)
+    # A second attach with the right secret is refused too, and harmless.
+    again = wire.Conn(server.host, server.port)
+    again.read_kind(wire.CHALLENGE)
+    again.send(wire.attach(welcome["session_id"], welcome["attach_secret"]))
+    err = again.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.ATTACH_REFUSED
+    assert_healthy(s, 2)
+    s.close()
+    assert "wrong attach secret" in server.log_text()
+
+
+def test_attach_to_unknown_or_ended_session_refused(server):
+    s = wire.open_session(server.host, server.port, server.token)
+    sid, secret = s.id, s.welcome["attach_secret"]
+    s.close()
+    time.sleep(0.3)
+    for target in (sid, 10_000_000):
+        c = wire.Conn(server.host, server.port)
+        c.read_kind(wire.CHALLENGE)
+        c.send(wire.attach(target, secret))
+        err = c.read()
+        assert err.kind == wire.ERROR and err.decoded["code"] == wire.ATTACH_REFUSED
+
+
+def test_attach_deadline_drops_the_session(start_server):
+    server = start_server(attach_timeout=0.5)
+    main, welcome = wire.handshake(server.host, server.port, server.token)
+    started = time.monotonic()
+    assert main.is_closed(timeout=5), "the main-stream is closed when the attach deadline passes"
+    assert time.monotonic() - started < 4
+    late = wire.Conn(server.host, server.port)
+    late.read_kind(wire.CHALLENGE)
+    late.send(wire.attach(welcome["session_id"], welcome["attach_secret"]))
+    err = late.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.ATTACH_REFUSED
+    assert "did not attach in time" in server.log_text()
+
+
+def test_atoms_sent_before_attach_lose_no_output(server):
+    main, welcome = wire.handshake(server.host, server.port, server.token)
+    main.send(wire.eval_frame(1, "for i in range(500): print(i)"))
+    time.sleep(0.3)
+    out = wire.Conn(server.host, server.port)
+    out.read_kind(wire.CHALLENGE)
+    out.send(wire.attach(welcome["session_id"], welcome["attach_secret"]))
+    out.read_kind(wire.ATTACHED)
+    s = wire.Session(main, out, welcome)
+    lines, res = s.collect(1)
+    assert [l for _, l in lines] == [str(i) for i in range(500)]
+    assert res.kind == wire.RESULT
+    s.close()
+
+
+def test_handshake_deadline_closes_idle_connections(start_server):
+    server = start_server(handshake_timeout=0.5)
+    idle = wire.Conn(server.host, server.port)
+    idle.read_kind(wire.CHALLENGE)
+    err = idle.read(timeout=5)
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.TIMEOUT
+    assert idle.is_closed()
+    # A well-behaved client is served meanwhile and afterwards.
+    s = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(s, 1)
+    s.close()
+
+
+def test_malformed_frame_closes_only_that_connection(server):
+    good = wire.open_session(server.host, server.port, server.token)
+    bad = wire.open_session(server.host, server.port, server.token)
+    # A frame of an unknown kind, then garbage.
+    bad.main.send(wire.encode(0x7F, 1, b"junk"))
+    err = bad.main.read_kind(wire.ERROR)
+    assert err.decoded["code"] == wire.BAD_FRAME
+    assert "unknown frame kind" in err.decoded["message"]
+    assert bad.main.is_closed()
+    assert bad.out.is_closed(), "the session ended: its output-stream closes too"
+    assert_healthy(good, 1)
+    # A giant length prefix is refused before anything is allocated.
+    worse = wire.open_session(server.host, server.port, server.token)
+    worse.main.send(b"\xff\xff\xff\xff" + bytes([wire.EVAL]) + bytes(8))
+    err = worse.main.read_kind(wire.ERROR)
+    assert err.decoded["code"] == wire.BAD_FRAME and "exceeds" in err.decoded["message"]
+    assert worse.main.is_closed()
+    assert_healthy(good, 2)
+    good.close()
+
+
+def test_garbage_before_the_handshake_is_refused(server):
+    c = wire.Conn(server.host, server.port)
+    c.read_kind(wire.CHALLENGE)
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    err = c.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.BAD_FRAME
+    assert c.is_closed()
+
+
+def test_pickled_function_from_another_python_is_refused_by_version(server):
+    main, welcome = wire.handshake(server.host, server.port, server.token, python="3.1.0")
+    out = wire.Conn(server.host, server.port)
+    out.read_kind(wire.CHALLENGE)
+    out.send(wire.attach(welcome["session_id"], welcome["attach_secret"]))
+    out.read_kind(wire.ATTACHED)
+    s = wire.Session(main, out, welcome)
+    lines, res = s.run(1, b"\x80\x05not-really-a-pickle", kind=wire.FUNCTION)
+    assert lines == []
+    assert res.kind == wire.RESULT and not res.decoded["ok"]
+    assert res.decoded["origin"] == wire.ORIGIN_VERSION_MISMATCH
+    msg = res.decoded["message"]
+    assert "3.1" in msg and welcome["python_version"].rsplit(".", 1)[0] in msg, msg
+    # Source always works.
+    assert_healthy(s, 2)
+    s.close()
+
+
+def test_too_many_pipelined_atoms_refused_with_limit_exceeded(start_server):
+    server = start_server(max_pipelined=2)
+    s = wire.open_session(server.host, server.port, server.token)
+    for atom in (1, 2, 3):
+        s.main.send(wire.eval_frame(atom, "import time; time.sleep(0.5)"))
+    err = s.main.read_kind(wire.ERROR)
+    assert err.request_id == 3 and err.decoded["code"] == wire.LIMIT_EXCEEDED
+    got = {s.main.read_kind(wire.RESULT).request_id for _ in range(2)}
+    assert got == {1, 2}
+    assert_healthy(s, 4)
+    s.close()
+
+
+def test_max_sessions_refuses_the_next_hello(start_server):
+    server = start_server(max_sessions=2)
+    a = wire.open_session(server.host, server.port, server.token)
+    b = wire.open_session(server.host, server.port, server.token)
+    c = wire.Conn(server.host, server.port)
+    ch = c.read_kind(wire.CHALLENGE)
+    c.send(wire.hello(server.token.encode(), ch.decoded["server_nonce"]))
+    err = c.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.LIMIT_EXCEEDED
+    a.close()
+    time.sleep(0.3)
+    d = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(d, 1)
+    assert_healthy(b, 1)
+    b.close()
+    d.close()
+
+
+def test_closing_the_output_stream_ends_the_session(server):
+    s = wire.open_session(server.host, server.port, server.token)
+    s.out.close()
+    assert s.main.is_closed(), "a closed output-stream ends the whole session"
+    other = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(other, 1)
+    other.close()
+
+
+@pytest.mark.parametrize("n", [20])
+def test_session_threads_are_released(server, n):
+    warm = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(warm, 1)
+    warm.close()
+    time.sleep(0.5)
+    baseline = server.threads()
+    for i in range(n):
+        s = wire.open_session(server.host, server.port, server.token)
+        assert_healthy(s, 1)
+        s.close()
+    deadline = time.monotonic() + 10
+    while server.threads() > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.threads() <= baseline, f"{server.threads()} threads, {baseline} before"
