@@ -24,12 +24,16 @@ def main() -> int:
     args = ap.parse_args()
 
     cmd = [args.server, "--listen", f"127.0.0.1:{args.port}", "--python-env", args.python_env]
-    print("$", " ".join(cmd), flush=True)
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    log_path = Path(args.server).resolve().parent / "demo-server.log"
+    print("$", " ".join(cmd), f"2> {log_path}", flush=True)
+    log = open(log_path, "wb")
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = server.stdout.readline()
         if not re.search(r"listening on", line):
-            print(f"pyproxy-server did not start (exit code {server.poll()}); see its log above", file=sys.stderr)
+            server.wait(5)
+            print(f"pyproxy-server did not start (exit code {server.poll()}):", file=sys.stderr)
+            print(log_path.read_text(errors="replace"), file=sys.stderr)
             return 1
         print(line.strip(), flush=True)
         print("$ python integration/concept_example.py", flush=True)
@@ -45,7 +49,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-        print(f"pyproxy-server stopped (exit code {server.returncode})", flush=True)
+        log.close()
+        print(f"pyproxy-server stopped (exit code {server.returncode}); its log: {log_path}", flush=True)
 
 
 if __name__ == "__main__":
