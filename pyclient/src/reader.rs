@@ -126,6 +126,7 @@ pub(crate) fn spawn(
         // /proc/self/task/*/comm shows at most 15 bytes.
         .name(format!("pyproxy-{session_id}"))
         .spawn(move || {
+            name_this_thread(&format!("pyproxy-{session_id}"));
             let result = panic::catch_unwind(AssertUnwindSafe(|| {
                 run(&shared, &main, &out, &wake, max_frame)
             }));
@@ -139,6 +140,14 @@ pub(crate) fn spawn(
             });
             teardown(&shared, cause, &main, &out);
         })
+}
+
+/// Names the OS thread, so `/proc/self/task/*/comm` and debuggers show whose it is.
+fn name_this_thread(name: &str) {
+    if let Ok(c) = std::ffi::CString::new(name) {
+        // SAFETY: PR_SET_NAME copies at most 16 bytes from a valid C string.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    }
 }
 
 /// Fails the waiters, closes the read sides, closes the write sides; the

@@ -770,7 +770,7 @@ impl Session {
     /// Takes unread output: of one atom, or of the whole session.
     ///
     /// Waits up to `timeout` for some. Returns the chunks and whether the stream
-    /// has ended (the atom's `END_OF_OUTPUT` came and all was read; or, for the
+    /// has ended (the atom's `END_OF_OUTPUT` and outcome came and all was read; or, for the
     /// session, it was closed by this client and all was read). A stream cut by
     /// the session's death raises `SessionClosed` once everything delivered was read.
     pub fn read_output(
@@ -792,8 +792,13 @@ impl Session {
             };
             let ended = drained
                 && match atom {
-                    // A released atom's entry vanishes once it is ended and read.
-                    Some(a) => st.atom_output.get(&a).is_none_or(|o| o.ended),
+                    // END_OF_OUTPUT and RESULT travel on different streams: the
+                    // atom's output is over when both have come. (A released
+                    // atom's entry vanishes once it is ended and read.)
+                    Some(a) => {
+                        st.atom_output.get(&a).is_none_or(|o| o.ended)
+                            && st.atoms.get(&a).is_none_or(|s| s.done.is_some())
+                    }
                     None => st.dead.as_ref().is_some_and(|d| d.by_client),
                 };
             if !chunks.is_empty() || ended {

@@ -1,0 +1,155 @@
+"""The client's threading contract, proved against the real pyproxy-server:
+
+* each connected session adds exactly one thread, and closing it removes it;
+* that thread never needs the GIL: an atom completes while Python holds the GIL;
+* a dead server fails pending futures with SessionClosed within a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import pyproxy
+from pyproxy import PyProxySession, SessionClosed
+
+
+def task_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_one_native_thread_per_session_released_on_close(server):
+    base = task_count()
+    sessions = []
+    for i in range(1, 4):
+        sessions.append(PyProxySession(server.address, token=server.token).connect())
+        assert task_count() == base + i, "connect() adds exactly one thread"
+    # Work, including output, starts no further thread.
+    fs = [s.eval("print('x')\n1") for s in sessions]
+    assert [f.wait(10) for f in fs] == [1, 1, 1]
+    assert [list(s.output(f)) for s, f in zip(sessions, fs)] == [[(1, "x")]] * 3
+    assert task_count() == base + 3
+    for i, s in enumerate(sessions, 1):
+        s.close()
+        assert task_count() == base + 3 - i, "close() joins the session's thread"
+
+
+def test_no_thread_is_started_before_callbacks_are_used(server):
+    # In a fresh interpreter, so no earlier test has started the callback thread.
+    script = textwrap.dedent(
+        f"""
+        import os, threading, pyproxy
+        base = len(os.listdir("/proc/self/task"))
+        s = pyproxy.PyProxySession({server.address!r}, token={server.token!r}).connect()
+        assert s.eval("1").wait(10) == 1
+        assert len(os.listdir("/proc/self/task")) == base + 1
+        done = threading.Event()
+        s.eval("2").add_done_callback(lambda f: done.set())
+        assert done.wait(10)
+        names = sorted(t.name for t in threading.enumerate())
+        assert names == ["MainThread", "pyproxy-callbacks"], names
+        assert len(os.listdir("/proc/self/task")) == base + 2
+        s.close()
+        assert len(os.listdir("/proc/self/task")) == base + 1
+        print("ok")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
+
+
+def test_atom_completes_while_the_main_thread_holds_the_gil(server):
+    s = PyProxySession(server.address, token=server.token).connect()
+    try:
+        # Warm the session so the timing below is the atom's, not the first import's.
+        assert s.eval("1").wait(10) == 1
+        f = s.eval("for i in range(200_000):\n    print(i)\n'printed'")
+        libc = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL for its whole duration
+        libc.sleep.argtypes = [ctypes.c_uint]
+        start = time.monotonic()
+        libc.sleep(2)
+        assert time.monotonic() - start >= 1.9
+        # The first thing Python does with the GIL back: the future must already be complete.
+        assert f.done(), "the native thread completed the atom without the GIL"
+        assert f.wait(0) == "printed"
+        lines = list(s.output(f, timeout=30))
+        assert len(lines) == 200_000
+        assert lines[0] == (1, "0") and lines[-1] == (1, "199999")
+    finally:
+        s.close()
+
+
+def test_server_killed_mid_atom_fails_pending_futures_within_a_second(server):
+    s = PyProxySession(server.address, token=server.token).connect()
+    native = f"pyproxy-{s.session_id}"  # the session thread's name in /proc/self/task/*/comm
+    assert wait_until(lambda: native in thread_names(), 2)
+    running = s.eval("import sys, time\nprint('started', flush=True)\ntime.sleep(60)")
+    queued = s.eval("'never runs'")
+    lines = s.output(running)
+    assert next(lines) == (1, "started")
+    server.proc.kill()
+    start = time.monotonic()
+    for f in (running, queued):
+        with pytest.raises(SessionClosed) as info:
+            f.wait(5)
+        assert "closed" in str(info.value)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0, f"pending futures failed after {elapsed:.3f}s"
+    with pytest.raises(SessionClosed):
+        next(lines)
+    assert s.closed and s.close_reason
+    assert wait_until(lambda: native not in thread_names(), 2), "the dead session's thread exited by itself"
+    with pytest.raises(SessionClosed):
+        s.eval("1")
+    s.close()
+    server.proc.wait(5)
+
+
+def test_server_shutdown_fails_pending_futures_with_the_reason(server):
+    s = PyProxySession(server.address, token=server.token).connect()
+    f = s.eval("import time\ntime.sleep(60)")
+    assert wait_until(f.running, 5)
+    server.signal(signal.SIGTERM)
+    err = f.exception(30)
+    assert isinstance(err, SessionClosed), repr(err)
+    assert wait_until(lambda: s.closed, 10), "the server's shutdown ends the session"
+    s.close()
+
+
+def test_sessions_are_independent(server):
+    # One session dying (closed by its user) leaves another untouched.
+    a = PyProxySession(server.address, token=server.token).connect()
+    b = PyProxySession(server.address, token=server.token).connect()
+    slow = b.eval("import time\ntime.sleep(0.3)\n'b'")
+    a.close()
+    assert slow.wait(10) == "b"
+    assert pyproxy.wait([b.eval("1")], timeout=10).not_done == set()
+    b.close()
