@@ -643,6 +643,11 @@ pub(crate) mod tests {
         assert!(
             matches!(&*wait(&s, b), Completion::Refused(e) if e.code == ErrorCode::LimitExceeded)
         );
+        // LOG travels on output-stream, RESULT on main-stream: either may come first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.logs().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let logs = s.logs();
         assert_eq!(logs.len(), 1);
         assert_eq!(
