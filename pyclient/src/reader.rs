@@ -674,7 +674,10 @@ pub(crate) mod tests {
             a,
         );
         // Let the line arrive before the hang-up, so we can check it is still delivered.
-        std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.shared.lock().output.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let start = Instant::now();
         drop(peer);
         match &*wait(&s, a) {
