@@ -239,6 +239,11 @@ def test_pickled_function_from_another_python_is_refused_by_version(server):
     assert "3.1" in msg and welcome["python_version"].rsplit(".", 1)[0] in msg, msg
     # Source always works.
     assert_healthy(s, 2)
+    # A refusal answered by the server itself still keeps RESULTs in atom order.
+    s.main.send(wire.eval_frame(3, "import time; time.sleep(0.3); 3"))
+    s.main.send(wire.eval_frame(4, b"x", kind=wire.CODE))
+    order = [s.main.read_kind(wire.RESULT).request_id for _ in range(2)]
+    assert order == [3, 4]
     s.close()
 
 

@@ -101,7 +101,8 @@ def test_sigterm_with_an_atom_running_says_goodbye_and_exits_0(start_server):
         seen.append(f)
     kinds = [f.name for f in seen]
     assert "GOODBYE" in kinds, kinds
-    goodbye = next(f for f in seen if f.kind == wire.GOODBYE)
+    goodbye = seen[-1]
+    assert goodbye.kind == wire.GOODBYE, "GOODBYE is the last frame before the streams close"
     assert "shutting down" in goodbye.decoded["reason"]
     # The running atom finished within the grace period: all output, then its result.
     assert any(f.kind == wire.OUTPUT and f.decoded["data"] == b"finished\n" for f in seen), kinds

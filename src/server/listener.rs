@@ -225,15 +225,15 @@ impl Server {
         step("1 stop accepting");
         self.shared.stopping.store(true, Ordering::SeqCst);
         wake_accept(self.local_addr);
-        step("2 GOODBYE to every session");
+        step("2 refuse new atoms in every session");
         let sessions = self.shared.registry.sessions();
         for s in &sessions {
             info!(s.log, "server shutting down"; "grace_s" => self.grace.as_secs_f64());
-            s.goodbye("server shutting down");
+            s.drain();
         }
         step("3 engine shutdown: running atoms get the grace period");
         self.shared.backend.shutdown(self.grace);
-        step("4 end every session");
+        step("4 GOODBYE to every session and end it");
         for s in self.shared.registry.sessions() {
             s.end(EndReason::ServerShutdown);
         }

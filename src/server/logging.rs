@@ -67,7 +67,7 @@ struct Collect {
 
 impl Serializer for Collect {
     fn emit_arguments(&mut self, key: Key, val: &fmt::Arguments<'_>) -> slog::Result {
-        let key = format!("{key}");
+        let key = key.to_string();
         let value = val.to_string();
         if key == SESSION_KEY && self.session.is_none() {
             self.session = value.parse().ok();

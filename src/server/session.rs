@@ -12,13 +12,18 @@
 //! Threads of a session (all counted in its [`ThreadGroup`]):
 //! - owner: reads main-stream frames; ends at the first end reason.
 //! - main writer: `main_rx` → main-stream (WELCOME is written before it starts).
-//! - output writer: output, log and goodbye queues → output-stream; spawned at ATTACH.
+//! - output writer: output and log queues → output-stream, GOODBYE last; spawned at ATTACH.
 //! - output watcher: the output-stream's connection thread, reading to detect a close.
 //!
 //! Writers stop when the session's `ended` channel disconnects (its only
 //! sender is dropped by `end`): they drain what is queued, then return.
+//!
+//! RESULTs leave in the order the EVALs arrived (docs/protocol.md): the engine
+//! answers a session's atoms in order, and an atom the server answers itself
+//! (version mismatch, shutdown, cancelled before it started) waits in
+//! [`Answers`] until every atom before it has been answered.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +94,19 @@ impl std::fmt::Display for EndReason {
     }
 }
 
+impl EndReason {
+    /// The server ended the session (so it says GOODBYE); the client did not.
+    fn said_by_server(&self) -> bool {
+        matches!(
+            self,
+            EndReason::ProtocolError(_)
+                | EndReason::AttachTimeout
+                | EndReason::ServerShutdown
+                | EndReason::EngineFailed(_)
+        )
+    }
+}
+
 /// Where a session is in its life. Transitions only forward, under `state`.
 enum State {
     /// Before ATTACH: the output-side receivers wait here for the writer, and
@@ -123,12 +141,12 @@ pub struct Session {
     ended_rx: Receiver<Never>,
     reason: Mutex<Option<EndReason>>,
     engine: Mutex<Option<Box<dyn BackendSession>>>,
-    /// Atom ids accepted and not yet answered (held, queued or running).
-    in_flight: Mutex<HashSet<u64>>,
+    /// Atoms accepted and not yet answered, and the answers waiting for their turn.
+    answers: Mutex<Answers>,
     out_tx: Sender<Frame>,
     goodbye_tx: Sender<Frame>,
     main_tx: Sender<Frame>,
-    /// The server is shutting down: new atoms are answered at once.
+    /// The server is shutting down: new atoms are refused.
     draining: AtomicBool,
     max_frame: u32,
     max_pipelined: usize,
@@ -190,6 +208,16 @@ fn exception(origin: FailureOrigin, type_name: &str, message: String) -> AtomRes
     }
 }
 
+/// Accepted atoms in arrival order, so RESULTs leave in that order.
+/// Invariant: the front of `order` never has an entry in `ready` after a call returns.
+#[derive(Default)]
+struct Answers {
+    order: VecDeque<u64>,
+    live: HashSet<u64>,
+    /// Main-stream frames decided before their turn.
+    ready: HashMap<u64, Frame>,
+}
+
 impl Session {
     pub fn secret(&self) -> &[u8; NONCE_LEN] {
         &self.secret
@@ -213,6 +241,12 @@ impl Session {
         {
             let mut r = lock(&self.reason);
             if r.is_none() {
+                if reason.said_by_server() {
+                    let goodbye = Message::Goodbye {
+                        reason: reason.to_string(),
+                    };
+                    let _ = self.goodbye_tx.try_send(goodbye.to_frame(0));
+                }
                 *r = Some(reason);
             }
         }
@@ -220,19 +254,34 @@ impl Session {
         let _ = self.main_stream.shutdown(Shutdown::Read);
     }
 
-    /// Queues GOODBYE for the output-stream and refuses new atoms from now on.
-    pub fn goodbye(&self, reason: &str) {
+    /// Refuses new atoms from now on (they get a RESULT of origin SHUTDOWN).
+    pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        let frame = Message::Goodbye {
-            reason: reason.to_owned(),
-        }
-        .to_frame(0);
-        let _ = self.goodbye_tx.try_send(frame);
     }
 
     /// Atoms accepted and not yet answered.
     pub fn in_flight(&self) -> usize {
-        lock(&self.in_flight).len()
+        lock(&self.answers).live.len()
+    }
+
+    /// Sends the main-stream answer for `atom` once every earlier atom is
+    /// answered. Sends under the lock, so two answerers cannot reorder.
+    fn complete(&self, atom: u64, frame: Frame) {
+        let mut a = lock(&self.answers);
+        if !a.live.contains(&atom) {
+            // Not an accepted atom (e.g. answered already): pass it on unordered.
+            drop(a);
+            return self.push_main(frame);
+        }
+        a.ready.insert(atom, frame);
+        while let Some(&head) = a.order.front() {
+            let Some(f) = a.ready.remove(&head) else {
+                break;
+            };
+            a.order.pop_front();
+            a.live.remove(&head);
+            self.push_main(f);
+        }
     }
 
     /// Sends on a session queue, giving up when the session ends.
@@ -254,13 +303,15 @@ impl Session {
         self.push(&self.main_tx, frame);
     }
 
-    /// Answers an atom without running it: END_OF_OUTPUT so the client's output
-    /// iterator ends, then its RESULT.
+    /// Answers an accepted atom without running it: END_OF_OUTPUT so the
+    /// client's output iterator ends, then its RESULT in its turn.
     fn answer_now(&self, atom: u64, result: AtomResult) {
         self.push_output(Message::EndOfOutput.to_frame(atom));
-        self.push_main(Message::Result(result).to_frame(atom));
+        self.complete(atom, Message::Result(result).to_frame(atom));
     }
 
+    /// Refuses an atom that was not accepted: END_OF_OUTPUT and an ERROR with
+    /// its id, at once (ERRORs are not part of the RESULT order).
     fn error_for(&self, atom: u64, code: ErrorCode, message: String) {
         self.push_output(Message::EndOfOutput.to_frame(atom));
         self.push_main(Message::Error(ErrorMsg { code, message }).to_frame(atom));
@@ -340,25 +391,23 @@ impl Session {
         log_rx: Receiver<Frame>,
         goodbye_rx: Receiver<Frame>,
     ) {
-        let queues = [&out_rx, &log_rx, &goodbye_rx];
         let result = (|| -> protocol::Result<()> {
             loop {
                 let next = select! {
                     recv(out_rx) -> f => f.ok(),
                     recv(log_rx) -> f => f.ok(),
-                    recv(goodbye_rx) -> f => f.ok(),
                     recv(self.ended_rx) -> _ => None,
                 };
                 match next {
                     Some(f) => w.write_frame(&f)?,
                     None => break,
                 }
-                if queues.iter().all(|q| q.is_empty()) {
+                if out_rx.is_empty() && log_rx.is_empty() {
                     w.flush()?;
                 }
             }
-            // Ended: send what was queued before the end, then stop.
-            for q in queues {
+            // Ended: send what was queued before the end, GOODBYE last, then stop.
+            for q in [&out_rx, &log_rx, &goodbye_rx] {
                 for f in q.try_iter().take(q.capacity().unwrap_or(0).max(1)) {
                     w.write_frame(&f)?;
                 }
@@ -410,6 +459,33 @@ impl Session {
 
     /// Handles one EVAL from the owner's read loop.
     fn on_eval(&self, atom: u64, eval: protocol::Eval) {
+        {
+            let mut a = lock(&self.answers);
+            if a.live.contains(&atom) {
+                drop(a);
+                return self.push_main(
+                    Message::Error(ErrorMsg {
+                        code: ErrorCode::UnexpectedMessage,
+                        message: format!("atom id {atom} is already in flight on this session"),
+                    })
+                    .to_frame(atom),
+                );
+            }
+            if a.live.len() >= self.max_pipelined {
+                drop(a);
+                warn!(self.log, "atom refused: too many in flight"; "atom" => atom, "max_pipelined" => self.max_pipelined);
+                return self.error_for(
+                    atom,
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "more than {} atoms in flight on this session (--max-pipelined)",
+                        self.max_pipelined
+                    ),
+                );
+            }
+            a.live.insert(atom);
+            a.order.push_back(atom);
+        }
         if self.draining.load(Ordering::SeqCst) {
             return self.answer_now(
                 atom,
@@ -426,6 +502,11 @@ impl Session {
             } else {
                 "a pickled function"
             };
+            let client = if self.client_python.is_empty() {
+                "(unknown)"
+            } else {
+                &self.client_python
+            };
             return self.answer_now(
                 atom,
                 exception(
@@ -433,43 +514,12 @@ impl Session {
                     "VersionMismatch",
                     format!(
                         "this atom is {what}, which needs the same Python minor version on both \
-                         ends: the client runs Python {}, the server Python {}; \
+                         ends: the client runs Python {client}, the server Python {}; \
                          send source text instead, or match the versions",
-                        if self.client_python.is_empty() {
-                            "(unknown)"
-                        } else {
-                            &self.client_python
-                        },
                         self.engine_python
                     ),
                 ),
             );
-        }
-        {
-            let mut in_flight = lock(&self.in_flight);
-            if in_flight.contains(&atom) {
-                drop(in_flight);
-                return self.push_main(
-                    Message::Error(ErrorMsg {
-                        code: ErrorCode::UnexpectedMessage,
-                        message: format!("atom id {atom} is already in flight on this session"),
-                    })
-                    .to_frame(atom),
-                );
-            }
-            if in_flight.len() >= self.max_pipelined {
-                drop(in_flight);
-                warn!(self.log, "atom refused: too many in flight"; "atom" => atom, "max_pipelined" => self.max_pipelined);
-                return self.error_for(
-                    atom,
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "more than {} atoms in flight on this session (--max-pipelined)",
-                        self.max_pipelined
-                    ),
-                );
-            }
-            in_flight.insert(atom);
         }
         let request = AtomRequest {
             id: atom,
@@ -497,7 +547,6 @@ impl Session {
             if let Some(i) = held.iter().position(|a| a.id == target) {
                 held.remove(i);
                 drop(state);
-                lock(&self.in_flight).remove(&target);
                 info!(self.log, "atom cancelled before it started"; "atom" => target);
                 return self.answer_now(
                     target,
@@ -543,7 +592,6 @@ impl SessionSink for Sink {
     }
 
     fn result(&self, atom: u64, result: AtomResult) {
-        lock(&self.0.in_flight).remove(&atom);
         let mut frame = Message::Result(result).to_frame(atom);
         let limit = self.0.max_frame as usize;
         if frame.payload.len() + protocol::frame::HEADER_BODY_SIZE > limit {
@@ -559,7 +607,7 @@ impl SessionSink for Sink {
             ))
             .to_frame(atom);
         }
-        self.0.push_main(frame);
+        self.0.complete(atom, frame);
     }
 }
 
@@ -615,7 +663,7 @@ pub fn run_main(
     let out_cap = (limits.max_output_buffer / OUTPUT_PIECE).max(2);
     let (out_tx, out_rx) = bounded(out_cap);
     let (log_tx, log_rx) = bounded(LOG_QUEUE);
-    let (goodbye_tx, goodbye_rx) = bounded(1);
+    let (goodbye_tx, goodbye_rx) = bounded(2);
     let (main_tx, main_rx) = bounded(MAIN_QUEUE);
     let (ended_tx, ended_rx) = bounded(0);
     let mut group = ThreadGroup::new();
@@ -639,7 +687,7 @@ pub fn run_main(
         ended_rx,
         reason: Mutex::new(None),
         engine: Mutex::new(None),
-        in_flight: Mutex::new(HashSet::new()),
+        answers: Mutex::new(Answers::default()),
         out_tx,
         goodbye_tx,
         main_tx,
@@ -862,34 +910,29 @@ pub fn run_attach(
     let _ = stream.set_read_timeout(None);
     // Held until this thread returns: the owner's teardown waits for us.
     let _group = group;
-    loop {
-        match reader.read_frame() {
-            Ok(frame) => {
-                let message = format!(
-                    "{} on the output-stream: it carries no client frames after ATTACH",
-                    frame.kind
-                );
-                warn!(session.log, "closing session after a protocol error"; "error" => &message);
-                let err = Message::Error(ErrorMsg {
-                    code: ErrorCode::UnexpectedMessage,
-                    message: message.clone(),
-                })
-                .to_frame(0);
-                let _ = session.goodbye_tx.try_send(err);
-                session.end(EndReason::ProtocolError(message));
-                break;
-            }
-            Err(e) if e.is_disconnect() => {
-                session.end(EndReason::OutputStreamClosed);
-                break;
-            }
-            Err(e) => {
-                if !session.is_ended() {
-                    session.end(EndReason::StreamError(format!(
-                        "reading output-stream: {e}"
-                    )));
-                }
-                break;
+    // The client never sends after ATTACH, so this read returns only when the
+    // stream closes, fails, or the client breaks the protocol.
+    match reader.read_frame() {
+        Ok(frame) => {
+            let message = format!(
+                "{} on the output-stream: it carries no client frames after ATTACH",
+                frame.kind
+            );
+            warn!(session.log, "closing session after a protocol error"; "error" => &message);
+            let err = Message::Error(ErrorMsg {
+                code: ErrorCode::UnexpectedMessage,
+                message: message.clone(),
+            })
+            .to_frame(0);
+            let _ = session.goodbye_tx.try_send(err);
+            session.end(EndReason::ProtocolError(message));
+        }
+        Err(e) if e.is_disconnect() => session.end(EndReason::OutputStreamClosed),
+        Err(e) => {
+            if !session.is_ended() {
+                session.end(EndReason::StreamError(format!(
+                    "reading output-stream: {e}"
+                )));
             }
         }
     }
