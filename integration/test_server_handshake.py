@@ -302,3 +302,42 @@ def test_session_threads_are_released(server, n):
     while server.threads() > baseline and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.threads() <= baseline, f"{server.threads()} threads, {baseline} before"
+
+
+def test_a_client_that_never_reads_output_slows_only_itself(server):
+    # A session floods ~200 MB of output and never reads its output-stream.
+    flood = wire.open_session(server.host, server.port, server.token)
+    flood.main.send(wire.eval_frame(1, "line = 'x' * 999\nfor _ in range(200_000): print(line)"))
+    time.sleep(1.0)
+    rss_before = server.rss_kb()
+    good = wire.open_session(server.host, server.port, server.token)
+    started = time.monotonic()
+    for atom in range(1, 21):
+        assert_healthy(good, atom)
+    assert time.monotonic() - started < 10
+    time.sleep(1.0)
+    grown_mb = (server.rss_kb() - rss_before) / 1024
+    assert grown_mb < 64, f"server grew {grown_mb:.0f} MB while a client did not read"
+    # Closing the stuck session frees it; the server stays healthy.
+    flood.main.close()
+    flood.out.close()
+    assert_healthy(good, 100)
+    good.close()
+
+
+def test_pipelined_atoms_are_answered_in_order_with_complete_output(server):
+    s = wire.open_session(server.host, server.port, server.token)
+    n = 1000
+    s.main.send(b"".join(wire.eval_frame(i, f"print({i}); {i}") for i in range(1, n + 1)))
+    results = [s.main.read_kind(wire.RESULT).request_id for _ in range(n)]
+    assert results == list(range(1, n + 1))
+    outputs, ends = [], []
+    while len(ends) < n:
+        f = s.out.read()
+        if f.kind == wire.OUTPUT:
+            outputs.append((f.request_id, f.decoded["data"]))
+        elif f.kind == wire.END_OF_OUTPUT:
+            ends.append(f.request_id)
+    assert ends == list(range(1, n + 1))
+    assert outputs == [(i, f"{i}\n".encode()) for i in range(1, n + 1)]
+    s.close()
