@@ -136,6 +136,9 @@ class PyProxyFuture:
         """Decodes the outcome into this future, waiting up to `timeout` (GIL released)."""
         if self._state != _PENDING:
             return
+        state: str
+        value: Any
+        exc: BaseException | None
         try:
             outcome = self._conn.wait(self._atom, timeout)
         except PyProxyError as e:

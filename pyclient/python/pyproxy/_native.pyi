@@ -2,6 +2,8 @@
 
 from typing import final
 
+__all__ = ["PROTOCOL_VERSION", "CLIENT_NAME", "Connection", "Outcome", "Notifier"]
+
 PROTOCOL_VERSION: int
 CLIENT_NAME: str
 

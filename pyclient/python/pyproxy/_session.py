@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from . import _native
 from ._errors import PyProxyError, SessionClosed
@@ -49,16 +49,15 @@ class LogRecord:
 
 def _parse_address(address: Address) -> tuple[str, int]:
     if isinstance(address, tuple):
-        host, port = address
-        return str(host), int(port)
+        return str(address[0]), int(address[1])
     if not isinstance(address, str):
         raise TypeError(f"address must be 'host:port' or (host, port), not {type(address).__name__}")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
         raise ValueError(f"address must look like 'host:port' (e.g. 'localhost:9000'), got {address!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return host, int(port)
+    return host, int(port_text)
 
 
 def _find_token(token: str | None, port: int) -> tuple[str | None, str]:
