@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -142,6 +143,20 @@ def test_server_shutdown_fails_pending_futures_with_the_reason(server):
     assert isinstance(err, SessionClosed), repr(err)
     assert wait_until(lambda: s.closed, 10), "the server's shutdown ends the session"
     s.close()
+
+
+def test_ctrl_c_interrupts_a_blocking_wait(server):
+    # wait() sleeps without the GIL; it must still let KeyboardInterrupt through promptly.
+    with PyProxySession(server.address, token=server.token) as s:
+        f = s.eval("import time\ntime.sleep(30)")
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            f.wait()
+        assert time.monotonic() - start < 1.0
+        timer.join()
+        assert f.cancel()
 
 
 def test_sessions_are_independent(server):

@@ -128,11 +128,11 @@ def exception_from_outcome(outcome: Outcome, atom: int, timeout: float | None) -
     elif origin == CANCELLED:
         exc = AtomCancelled(f"atom {atom} was cancelled before it finished")
     elif origin == VERSION_MISMATCH:
-        exc = VersionMismatch(
-            f"atom {atom} was refused: {outcome.message}. Pickled code and functions need "
-            f"the same Python major.minor on both sides; use the matching Python or send "
-            f"source text instead"
+        advice = "" if "source" in outcome.message else (
+            "; pickled code and functions need the same Python major.minor on both sides: "
+            "use the matching Python, or send source text instead"
         )
+        exc = VersionMismatch(f"atom {atom} was refused: {outcome.message}{advice}")
     elif origin == WORKER_DIED:
         exc = WorkerDied(
             f"the process running atom {atom} died: {outcome.message}. Check the server "

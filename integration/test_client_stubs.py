@@ -1,0 +1,35 @@
+"""The type stub `pyproxy/_native.pyi` matches the built extension, and the package type-checks.
+
+Needs mypy in the venv; skipped (with the reason) where it is not installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("mypy", reason="mypy is not installed in this environment")
+
+
+def test_stub_matches_the_built_module(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "pyproxy._native"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_package_type_checks_strictly(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "-p", "pyproxy"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
