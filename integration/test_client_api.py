@@ -96,6 +96,7 @@ def test_output_keeps_each_fds_order_and_ends_with_the_atom(session):
     lines = list(session.output(f, timeout=30))
     assert [int(l) for fd, l in lines if fd == 1] == list(range(3000))
     assert [int(l) for fd, l in lines if fd == 2] == [-i for i in range(3000)]
+    # Regression: the iterator ended on END_OF_OUTPUT while RESULT (other stream) was still on its way.
     assert f.done(), "output(future) ends only once the atom is done"
 
 
@@ -257,7 +258,7 @@ def test_wait_and_as_completed(connect):
     fs = [a.eval("import time\ntime.sleep(0.4)\n1"), b.eval("2")]
     assert [f.wait() for f in pyproxy.as_completed(fs, timeout=10)] == [2, 1]
 
-    stuck = a.eval("import time\ntime.sleep(2)")
+    stuck = a.eval("import time\ndeadline = time.time() + 2\nwhile time.time() < deadline:\n    pass")
     with pytest.raises(TimeoutError):
         list(pyproxy.as_completed([stuck], timeout=0.1))
     failing = b.eval("1/0")
@@ -296,7 +297,7 @@ def test_session_lifecycle(server, session):
     assert session.session_id and not session.closed
     with pytest.raises(PyProxyError, match="never reopened"):
         session.connect()
-    f = session.eval("import time\ntime.sleep(5)")
+    f = session.eval("while True:\n    pass")
     session.close()
     session.close()
     assert session.closed and "closed by this client" in session.close_reason

@@ -136,7 +136,7 @@ def test_server_killed_mid_atom_fails_pending_futures_within_a_second(server):
 
 def test_server_shutdown_fails_pending_futures_with_the_reason(server):
     s = PyProxySession(server.address, token=server.token).connect()
-    f = s.eval("import time\ntime.sleep(60)")
+    f = s.eval("while True:\n    pass")
     assert wait_until(f.running, 5)
     server.signal(signal.SIGTERM)
     err = f.exception(30)
@@ -148,7 +148,7 @@ def test_server_shutdown_fails_pending_futures_with_the_reason(server):
 def test_ctrl_c_interrupts_a_blocking_wait(server):
     # wait() sleeps without the GIL; it must still let KeyboardInterrupt through promptly.
     with PyProxySession(server.address, token=server.token) as s:
-        f = s.eval("import time\ntime.sleep(30)")
+        f = s.eval("while True:\n    pass")
         timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         start = time.monotonic()
