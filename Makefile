@@ -29,12 +29,13 @@ find_python = $(shell \
 # Server and client venv use the same Python: the server links the venv's libpython.
 export PYO3_PYTHON = $(abspath $(VPY))
 
-.PHONY: help venv build server client demo test test-rust test-python lint fmt clean
+.PHONY: help venv build server client demo test test-rust test-python lint fmt fuzz clean
 
 help:
 	@echo "make demo   - build, start pyproxy-server on 127.0.0.1:$(DEMO_PORT), run the concept example, stop"
 	@echo "make test   - build, lint and run every test (Rust and Python integration)"
 	@echo "make build  - build target/release/pyproxy-server and install the client into .venv"
+	@echo "make fuzz   - fuzz the frame decoder and the handshake, FUZZ_SECONDS each (default 300)"
 	@echo "make clean  - remove build outputs and the venv"
 
 $(VPY):
@@ -82,6 +83,19 @@ test-python: build
 	  $(VPY) -m pytest integration $(PYTEST_ARGS)
 
 test: lint test-rust test-python
+
+# cargo fuzz needs nightly-only flags (sanitizers); RUSTC_BOOTSTRAP lets the one stable
+# toolchain on these machines accept them. New inputs go to target/fuzz-corpus; the small,
+# minimised corpus under integration/fuzz/corpus stays as committed.
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := frame_decoder handshake
+fuzz: $(VPY)
+	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir integration/fuzz -O $$t \
+	    target/fuzz-corpus/$$t integration/fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS); \
+	done
 
 clean:
 	cargo clean
