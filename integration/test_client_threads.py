@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import subprocess
@@ -62,6 +63,16 @@ def test_one_native_thread_per_session_released_on_close(server):
         assert task_count() == base + 3 - i, "close() joins the session's thread"
 
 
+def test_a_session_dropped_without_close_releases_its_thread(server):
+    base = task_count()
+    s = PyProxySession(server.address, token=server.token).connect()
+    assert s.eval("1").wait(10) == 1
+    assert task_count() == base + 1
+    del s
+    gc.collect()
+    assert task_count() == base
+
+
 def test_no_thread_is_started_before_callbacks_are_used(server):
     # In a fresh interpreter, so no earlier test has started the callback thread.
     script = textwrap.dedent(
@@ -90,16 +101,24 @@ def test_no_thread_is_started_before_callbacks_are_used(server):
 def test_atom_completes_while_the_main_thread_holds_the_gil(server):
     s = PyProxySession(server.address, token=server.token).connect()
     try:
-        # Warm the session so the timing below is the atom's, not the first import's.
-        assert s.eval("1").wait(10) == 1
-        f = s.eval("for i in range(200_000):\n    print(i)\n'printed'")
+        atom = "for i in range(200_000):\n    print(i)\n'printed'"
+        # Calibrate: how long the atom takes here with nobody holding the GIL. On a
+        # loaded machine hold the GIL longer, so the test measures the client, not the load.
+        start = time.monotonic()
+        warm = s.eval(atom)
+        assert warm.wait(60) == "printed"
+        free_run = time.monotonic() - start
+        assert sum(1 for _ in s.output(warm)) == 200_000
+        hold = max(2, int(3 * free_run) + 1)
+
+        f = s.eval(atom)
         libc = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL for its whole duration
         libc.sleep.argtypes = [ctypes.c_uint]
         start = time.monotonic()
-        libc.sleep(2)
-        assert time.monotonic() - start >= 1.9
+        libc.sleep(hold)
+        assert time.monotonic() - start >= hold - 0.1
         # The first thing Python does with the GIL back: the future must already be complete.
-        assert f.done(), "the native thread completed the atom without the GIL"
+        assert f.done(), f"not complete after {hold}s with the GIL held (free run: {free_run:.2f}s)"
         assert f.wait(0) == "printed"
         lines = list(s.output(f, timeout=30))
         assert len(lines) == 200_000
