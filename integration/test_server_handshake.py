@@ -341,3 +341,45 @@ def test_pipelined_atoms_are_answered_in_order_with_complete_output(server):
     assert ends == list(range(1, n + 1))
     assert outputs == [(i, f"{i}\n".encode()) for i in range(1, n + 1)]
     s.close()
+
+
+def test_fifty_parallel_sessions_each_get_only_their_own_output(server):
+    import threading
+
+    sessions = [wire.open_session(server.host, server.port, server.token) for _ in range(50)]
+    failures = []
+
+    def work(k: int, s: wire.Session) -> None:
+        try:
+            lines, res = s.run(1, f"for i in range(200): print('s{k}', i)\n{k}", timeout=60)
+            assert lines == [(1, f"s{k} {i}") for i in range(200)], f"session {k} got foreign or missing output"
+            assert pickle.loads(res.decoded["value"]) == k
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append((k, e))
+
+    threads = [threading.Thread(target=work, args=(k, s)) for k, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not failures, failures[:3]
+    for s in sessions:
+        s.close()
+
+
+def test_a_session_closed_mid_atom_leaves_the_server_healthy(server):
+    s = wire.open_session(server.host, server.port, server.token)
+    s.main.send(wire.eval_frame(1, "import time\nprint('running', flush=True)\ntime.sleep(30)"))
+    s.out.read_kind(wire.OUTPUT)
+    s.main.close()
+    s.out.close()
+    other = wire.open_session(server.host, server.port, server.token)
+    started = time.monotonic()
+    assert_healthy(other, 1)
+    assert time.monotonic() - started < 5, "the interrupted atom does not hold the server"
+    other.close()
+    # Either stream's close may be noticed first; both end the session.
+    deadline = time.monotonic() + 10
+    while "stream closed by the client" not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "stream closed by the client" in server.log_text()
