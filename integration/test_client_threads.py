@@ -83,7 +83,7 @@ def test_no_thread_is_started_before_callbacks_are_used(server):
         assert s.eval("1").wait(10) == 1
         assert len(os.listdir("/proc/self/task")) == base + 1
         done = threading.Event()
-        f = s.eval("import time\ntime.sleep(0.3)")
+        f = s.eval("import time\\ntime.sleep(0.3)")
         assert not f.done()  # else the callback would run at once, here
         f.add_done_callback(lambda f: done.set())
         assert done.wait(10)
