@@ -869,9 +869,9 @@ fn teardown(shared: &Shared, session: &Arc<Session>, group: &mut ThreadGroup, ma
     );
     let dur = session.opened.elapsed().as_secs_f64();
     if level_warn {
-        warn!(session.log, "session closed"; "reason" => %reason, "duration_s" => dur, "peer" => %session.peer);
+        warn!(session.log, "session ended"; "reason" => %reason, "duration_s" => dur, "peer" => %session.peer);
     } else {
-        info!(session.log, "session closed"; "reason" => %reason, "duration_s" => dur, "peer" => %session.peer);
+        info!(session.log, "session ended"; "reason" => %reason, "duration_s" => dur, "peer" => %session.peer);
     }
     shared.routes.remove(session.id);
 }
