@@ -18,6 +18,7 @@ use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -130,7 +131,7 @@ pub(crate) fn spawn(
             let result = panic::catch_unwind(AssertUnwindSafe(|| {
                 run(&shared, &main, &out, &wake, max_frame)
             }));
-            let cause = result.unwrap_or_else(|payload| {
+            let mut cause = result.unwrap_or_else(|payload| {
                 let text = payload
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -138,6 +139,12 @@ pub(crate) fn spawn(
                     .unwrap_or_else(|| "unknown panic".to_string());
                 Cause::Panic(text)
             });
+            if shared.close_requested.load(Ordering::SeqCst)
+                && matches!(cause, Cause::PeerClosed(_) | Cause::Io(..))
+            {
+                // The server answered our CLOSE by closing before we saw the wake-up.
+                cause = Cause::ClientClosed;
+            }
             teardown(&shared, cause, &main, &out);
         })
 }
@@ -766,6 +773,21 @@ pub(crate) mod tests {
         ));
         assert!(!s.cancel(a).unwrap());
         assert!(!s.reader_alive());
+    }
+
+    #[test]
+    fn a_hang_up_after_our_close_is_a_client_close() {
+        // Regression: the server answers CLOSE by closing; when that EOF beat the
+        // wake-up pipe, the session counted as killed and output() raised.
+        let (s, peer) = connected();
+        s.shared.close_requested.store(true, Ordering::SeqCst);
+        drop(peer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.reader_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(s.shared.lock().dead.as_ref().is_some_and(|d| d.by_client));
+        assert!(read_all(&s, None).unwrap().is_empty());
     }
 
     #[test]

@@ -241,6 +241,9 @@ pub(crate) struct Shared {
     pub label: String,
     /// `PYPROXY_DEBUG` is set: trace teardown steps on stderr.
     pub debug: bool,
+    /// Set by `close()` before it sends `CLOSE`: the server hanging up after
+    /// that is the answer to our close, not a failure.
+    pub close_requested: AtomicBool,
 }
 
 impl Shared {
@@ -266,7 +269,6 @@ pub struct Session {
     /// Written once by `close` to wake the reader thread.
     wake: Arc<Pipe>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    close_requested: AtomicBool,
 }
 
 fn deadline_left(deadline: Instant) -> Option<Duration> {
@@ -569,6 +571,7 @@ impl Session {
             changed: Condvar::new(),
             label: format!("session {} at {}", info.session_id, info.peer),
             debug: std::env::var_os("PYPROXY_DEBUG").is_some_and(|v| !v.is_empty()),
+            close_requested: AtomicBool::new(false),
         });
         let wake = Arc::new(Pipe::new()?);
         let writer = main.try_clone()?;
@@ -588,7 +591,6 @@ impl Session {
             writer: Mutex::new(writer),
             wake,
             thread: Mutex::new(Some(thread)),
-            close_requested: AtomicBool::new(false),
         })
     }
 
@@ -630,7 +632,7 @@ impl Session {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let atom = {
             let mut st = self.shared.lock();
-            if st.dead.is_some() || self.close_requested.load(Ordering::SeqCst) {
+            if st.dead.is_some() || self.shared.close_requested.load(Ordering::SeqCst) {
                 return Err(self.closed_error(&st));
             }
             let atom = st.next_atom;
@@ -837,7 +839,7 @@ impl Session {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.close_requested.load(Ordering::SeqCst) || self.shared.lock().dead.is_some()
+        self.shared.close_requested.load(Ordering::SeqCst) || self.shared.lock().dead.is_some()
     }
 
     /// True while the reader thread has not exited.
@@ -852,7 +854,7 @@ impl Session {
     /// Ends the session: sends `CLOSE` if the stream is free, wakes the reader
     /// thread so it fails whatever is pending, and joins it. Idempotent.
     pub fn close(&self) {
-        if !self.close_requested.swap(true, Ordering::SeqCst) {
+        if !self.shared.close_requested.swap(true, Ordering::SeqCst) {
             // A writer stuck on a full socket must not keep close() waiting:
             // without the lock, skip CLOSE; the server ends the session when
             // the streams close anyway.
