@@ -383,3 +383,35 @@ def test_a_session_closed_mid_atom_leaves_the_server_healthy(server):
     while "stream closed by the client" not in server.log_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "stream closed by the client" in server.log_text()
+
+
+def test_connections_per_peer_are_limited(start_server):
+    server = start_server(max_conns_per_peer=3)
+    held = [wire.Conn(server.host, server.port) for _ in range(3)]
+    for c in held:
+        c.read_kind(wire.CHALLENGE)
+    extra = wire.Conn(server.host, server.port)
+    err = extra.read()
+    assert err.kind == wire.ERROR and err.decoded["code"] == wire.LIMIT_EXCEEDED
+    assert extra.is_closed()
+    held.pop().close()
+    time.sleep(0.2)
+    # The freed slot serves a whole session (two connections: one more slot freed first).
+    held.pop().close()
+    time.sleep(0.2)
+    s = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(s, 1)
+    s.close()
+
+
+def test_many_idle_connections_do_not_stop_a_good_client(start_server):
+    server = start_server(handshake_timeout=2)
+    idle = [wire.Conn(server.host, server.port) for _ in range(300)]
+    started = time.monotonic()
+    s = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(s, 1)
+    assert time.monotonic() - started < 2
+    # The idle ones are closed at the handshake deadline, and the server is still fine.
+    assert all(c.is_closed(timeout=6) for c in idle[:10])
+    assert_healthy(s, 2)
+    s.close()
