@@ -67,14 +67,14 @@ pub trait SessionSink: Send + Sync + 'static {
 /// Shared handle to a sink.
 pub type Sink = Arc<dyn SessionSink>;
 
-mod runtime;
 mod error;
 mod interp;
 mod output;
 mod python;
+mod runtime;
 mod session;
 mod watchdog;
 
-pub use runtime::Engine;
 pub use error::EngineError;
+pub use runtime::Engine;
 pub use session::EngineSession;

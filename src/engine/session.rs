@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::Receiver;
 use slog::{debug, info, warn, Logger};
 
-use super::runtime::Shared;
 use super::interp::{Interp, RawOutcome};
 use super::output::Pump;
+use super::runtime::Shared;
 use super::watchdog::WatchMsg;
 use super::{AtomRequest, Sink};
 use crate::protocol::{AtomResult, FailureOrigin, Outcome, RemoteException};
@@ -183,6 +183,27 @@ impl SessionCore {
         if !st.scheduled {
             st.scheduled = true;
             let _ = self.shared.runq_tx.send(Job::Run(self.clone()));
+        }
+        drop(st);
+        // Shutdown may have drained the run queue between our check and send.
+        if self.shared.stopped.load(Ordering::Acquire) {
+            self.fail_queued();
+        }
+    }
+
+    /// Answers every queued atom with a Shutdown failure (after the executors
+    /// are gone). Delivers under the session lock, so concurrent callers cannot
+    /// reorder results.
+    pub(crate) fn fail_queued(&self) {
+        let mut st = self.lock();
+        st.scheduled = false;
+        while let Some(q) = st.queue.pop_front() {
+            self.deliver_failure(
+                q.req.id,
+                FailureOrigin::Shutdown,
+                "builtins.RuntimeError",
+                "the server is shutting down".into(),
+            );
         }
     }
 
