@@ -893,8 +893,8 @@ impl Drop for Session {
     }
 }
 
-#[allow(dead_code)]
-fn assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Session>();
-}
+// A session is shared by every Python thread that uses it.
+const _: () = {
+    const fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<Session>();
+};
