@@ -318,6 +318,12 @@ def test_a_client_that_never_reads_output_slows_only_itself(server):
     time.sleep(1.0)
     grown_mb = (server.rss_kb() - rss_before) / 1024
     assert grown_mb < 64, f"server grew {grown_mb:.0f} MB while a client did not read"
+    # A pause longer than the handshake deadline does not kill the slow session:
+    # once it reads again, its output resumes where it stopped.
+    time.sleep(max(0.0, 7.0 - (time.monotonic() - started)))
+    assert not flood.main.is_closed(timeout=0.2)
+    first = flood.out.read_kind(wire.OUTPUT)
+    assert first.request_id == 1 and first.decoded["data"].startswith(b"x" * 999 + b"\n")
     # Closing the stuck session frees it; the server stays healthy.
     flood.main.close()
     flood.out.close()

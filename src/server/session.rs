@@ -895,6 +895,15 @@ pub fn run_attach(
         Ok(s) => s,
         Err(why) => return refuse_attach(shared, &mut writer, attach.session_id, &peer_text, why),
     };
+    // From here the stream may wait on a slow client for as long as it likes
+    // (back-pressure), and the watcher blocks until the stream closes.
+    if let Err(e) = stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+    {
+        info!(shared.log, "attach failed"; "peer" => &peer_text, "error" => %e);
+        return;
+    }
     let group = match session.attach(shared, &stream, writer) {
         Ok(g) => g,
         Err(why) => {
@@ -907,7 +916,6 @@ pub fn run_attach(
         }
     };
     info!(session.log, "output-stream attached"; "peer" => &peer_text);
-    let _ = stream.set_read_timeout(None);
     // Held until this thread returns: the owner's teardown waits for us.
     let _group = group;
     // The client never sends after ATTACH, so this read returns only when the
