@@ -31,6 +31,9 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 /// A log record as Python receives it: level, timestamp in µs, message, fields.
 type LogTuple = (u8, u64, String, Vec<(String, String)>);
 
+/// Longest wait a timeout can ask for (about 30 years): "forever" for any caller.
+const LONGEST_WAIT_S: f64 = 1e9;
+
 /// Output bytes handed to Python per `read_output` call.
 const OUTPUT_BATCH: usize = 4 * 1024 * 1024;
 
@@ -58,7 +61,8 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
         None => Ok(None),
         Some(t) if t.is_nan() => Err(PyValueError::new_err("timeout must be a number, not NaN")),
         Some(t) if t.is_infinite() && t > 0.0 => Ok(None),
-        Some(t) => Ok(Some(Duration::from_secs_f64(t.max(0.0)))),
+        // Clamped so that `Instant::now() + timeout` can never overflow.
+        Some(t) => Ok(Some(Duration::from_secs_f64(t.clamp(0.0, LONGEST_WAIT_S)))),
     }
 }
 
@@ -233,7 +237,8 @@ impl PyConnection {
         implementation: String,
         python_version: String,
     ) -> PyResult<PyConnection> {
-        let connect_timeout = seconds(Some(connect_timeout))?.unwrap_or(Duration::MAX);
+        let connect_timeout =
+            seconds(Some(connect_timeout))?.unwrap_or(Duration::from_secs_f64(LONGEST_WAIT_S));
         let opts = ConnectOptions {
             host,
             port,

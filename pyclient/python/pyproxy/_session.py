@@ -203,9 +203,10 @@ class PyProxySession:
             raise TypeError(f"an atom is source text, a code object or a callable, not {type(atom).__name__}")
         g = None if globals is None else cloudpickle.dumps(dict(globals), protocol=_PICKLE_PROTOCOL)
         loc = None if locals is None else cloudpickle.dumps(locals, protocol=_PICKLE_PROTOCOL)
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
-        timeout_ms = None if timeout is None else max(1, round(timeout * 1000))
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout}")
+        # An infinite (or absurdly long) timeout is no timeout.
+        timeout_ms = None if timeout is None or timeout >= 1e15 else max(1, round(timeout * 1000))
         atom_id = conn.submit(kind, payload, g, loc, timeout_ms)
         return PyProxyFuture(conn, atom_id, timeout)
 
