@@ -83,8 +83,15 @@ impl Shared {
         self.serial.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub(crate) fn recycle(&self, interp: Arc<Interp>) {
+    /// Called when a session holding an interpreter closes, before the
+    /// interpreter is handed back (that may happen a little later, when the
+    /// executor holding the session lets go): the pool counts it from now on.
+    pub(crate) fn promise_recycle(&self) {
         lock(&self.pool).recycling += 1;
+    }
+
+    /// Hands a closed session's interpreter back (after [`promise_recycle`]).
+    pub(crate) fn recycle(&self, interp: Arc<Interp>) {
         if self.pool_tx.send(PoolMsg::Recycle(interp)).is_err() {
             lock(&self.pool).recycling -= 1;
         }

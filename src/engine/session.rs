@@ -237,6 +237,9 @@ impl SessionCore {
         let dropped = st.queue.len();
         st.queue.clear();
         let running = st.running.as_ref().map(|r| r.atom);
+        if st.interp.is_some() {
+            self.shared.promise_recycle();
+        }
         let idle_interp = if st.scheduled { None } else { st.interp.take() };
         drop(st);
         if let Some(atom) = running {
