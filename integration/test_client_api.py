@@ -365,3 +365,16 @@ def test_env_is_not_needed_when_token_given(server, monkeypatch):
     monkeypatch.setenv("PYPROXY_HOME", os.devnull)
     with PyProxySession(server.address, token=server.token) as s:
         assert s.eval("5").wait(10) == 5
+
+
+def test_atom_larger_than_the_servers_frame_limit_is_refused_before_sending(start_server):
+    srv = start_server(max_frame=64 * 1024)
+    with PyProxySession(srv.address, token=srv.token) as s:
+        with pytest.raises(ValueError, match="more than the 65536 bytes"):
+            s.eval("len(data)", globals={"data": b"x" * 100_000})
+        assert s.eval("len(data)", globals={"data": b"x" * 1000}).wait(10) == 1000
+
+
+def test_unknown_backend_is_refused_with_the_reason(server):
+    with pytest.raises(pyproxy.SessionRefused, match="UNSUPPORTED_BACKEND"):
+        PyProxySession(server.address, token=server.token, backend="nonsense").connect()

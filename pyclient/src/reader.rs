@@ -442,12 +442,16 @@ pub(crate) mod tests {
             };
             assert_eq!(hello.implementation, "cpython");
             assert!(hello.client.starts_with("pyproxy-client "));
-            if !auth::verify_client_proof(
-                server_token.as_bytes(),
-                &nonce,
-                &hello.client_nonce,
-                &hello.proof,
-            ) {
+            // "*": an impostor that accepts any proof but cannot prove the token back.
+            let impostor = server_token == "*";
+            if !impostor
+                && !auth::verify_client_proof(
+                    server_token.as_bytes(),
+                    &nonce,
+                    &hello.client_nonce,
+                    &hello.proof,
+                )
+            {
                 peer_write(
                     &main,
                     Message::Error(ErrorMsg {
@@ -463,7 +467,11 @@ pub(crate) mod tests {
                     session_id: 42,
                     attach_secret: [9; 32],
                     server_proof: auth::server_proof(
-                        server_token.as_bytes(),
+                        if impostor {
+                            b"guess".as_slice()
+                        } else {
+                            server_token.as_bytes()
+                        },
                         &nonce,
                         &hello.client_nonce,
                     ),
@@ -479,6 +487,9 @@ pub(crate) mod tests {
                     },
                 }),
             );
+            if impostor {
+                return None;
+            }
             let (out, _) = listener.accept().unwrap();
             peer_write(
                 &out,
@@ -812,6 +823,15 @@ pub(crate) mod tests {
                 m.contains("requires a token") && m.contains("the unit test"),
                 "{m}"
             ),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_server_that_cannot_prove_the_token_is_refused() {
+        let (s, _) = session_with("*", Some(TOKEN));
+        match s {
+            Err(ClientError::Auth(m)) => assert!(m.contains("could not prove"), "{m}"),
             other => panic!("{:?}", other.map(|_| ())),
         }
     }
