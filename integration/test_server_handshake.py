@@ -156,6 +156,8 @@ def test_attach_deadline_drops_the_session(start_server):
     server = start_server(attach_timeout=0.5)
     main, welcome = wire.handshake(server.host, server.port, server.token)
     started = time.monotonic()
+    err = main.read_kind(wire.ERROR, timeout=5)
+    assert err.decoded["code"] == wire.TIMEOUT and "attach" in err.decoded["message"]
     assert main.is_closed(timeout=5), "the main-stream is closed when the attach deadline passes"
     assert time.monotonic() - started < 4
     late = wire.Conn(server.host, server.port)

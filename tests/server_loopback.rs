@@ -331,6 +331,10 @@ fn an_unattached_session_is_dropped_at_its_deadline() {
     );
     assert!(matches!(main.recv().1, Message::Welcome(_)));
     let started = Instant::now();
+    match main.recv().1 {
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::Timeout),
+        other => panic!("{other:?}"),
+    }
     assert!(main.r.read_frame().unwrap_err().is_disconnect());
     let waited = started.elapsed();
     assert!(

@@ -210,7 +210,14 @@ impl Server {
                 warn!(s.log, "dropping session: its output-stream did not attach in time";
                     "attach_timeout_s" => self.shared.limits.attach_timeout.as_secs_f64(),
                     "peer" => %s.peer);
-                s.end(EndReason::AttachTimeout);
+                s.fail(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the output-stream did not attach within {:.1} s (--attach-timeout)",
+                        self.shared.limits.attach_timeout.as_secs_f64()
+                    ),
+                    EndReason::AttachTimeout,
+                );
             }
         }
     }

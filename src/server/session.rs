@@ -254,6 +254,14 @@ impl Session {
         let _ = self.main_stream.shutdown(Shutdown::Read);
     }
 
+    /// Tells the client why on the main-stream (ERROR, request id 0), then ends the session.
+    pub fn fail(&self, code: ErrorCode, message: String, reason: EndReason) {
+        let _ = self
+            .main_tx
+            .try_send(Message::Error(ErrorMsg { code, message }).to_frame(0));
+        self.end(reason);
+    }
+
     /// Refuses new atoms from now on (they get a RESULT of origin SHUTDOWN).
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
