@@ -462,7 +462,7 @@ def run_rpyc(cfg, out: dict) -> dict:
         rnoop = conn.namespace["noop"]
         if "w1" in cfg.workloads:
             out["w1"] = w1_result(timed_loop(rnoop, cfg.w1_iters, cfg.w1_seconds, 200))
-        n = min(cfg.w3_lines, cfg.w3_lines_slow)
+        n = min(cfg.w3_lines, cfg.w3_lines_rpyc)
 
         def w3_once():
             got: list[str] = []
@@ -990,7 +990,7 @@ ROWS = [
     ("W5", "w5", "ms", "W5 session open + no-op", "ms", False),
     ("W6", "w6", "busy_ms", "W6 longest stall during W3", "ms", False),
     ("W6 idle", "w6", "idle_ms", "W6 same ticker, idle", "ms", False),
-    ("W7 wall", "w7", "wall_s", "W7 1,000 sessions wall", "s", False),
+    ("W7 wall", "w7", "wall_s", "W7 {sessions} sessions wall", "s", False),
     ("W7 RSS", "w7", "rss_mib", "W7 server peak RSS", "MiB", False),
 ]
 
@@ -1074,7 +1074,8 @@ def render(res: dict, meta: dict) -> str:
                 cells.append("n/a " + note(f"{LABELS[c]}, {w.upper()}: {d['na']}"))
                 continue
             if "error" in d:
-                cells.append("failed " + note(f"{LABELS[c]}, {w.upper()}: {d['error']}"))
+                partial = f"{fmt(d[f])} " if d.get(f) is not None else ""
+                cells.append(partial + "failed " + note(f"{LABELS[c]}, {w.upper()}: {d['error']}"))
                 continue
             v = d.get(f)
             if v is None:
@@ -1097,6 +1098,7 @@ def render(res: dict, meta: dict) -> str:
             cells.append(cell)
         if f in ("p50_us", "p99_us") and "floor" in cols:
             pass
+        label = label.format(sessions=f"{meta['config']['w7_sessions']:,}")
         lines.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
     t = targets(res)
     out = [
@@ -1167,7 +1169,8 @@ def parse(argv=None):
     ap.add_argument("--w2-atoms-slow", type=int, default=2_000, help="W2 atoms for Jupyter and Dask")
     ap.add_argument("--w2-reps", type=int, default=3)
     ap.add_argument("--w3-lines", type=int, default=200_000)
-    ap.add_argument("--w3-lines-slow", type=int, default=20_000, help="W3/W6 lines for RPyC and execnet")
+    ap.add_argument("--w3-lines-slow", type=int, default=20_000, help="W3/W6 lines for execnet")
+    ap.add_argument("--w3-lines-rpyc", type=int, default=4_000, help="W3/W6 lines for RPyC (about 1,000 lines/s)")
     ap.add_argument("--w3-reps", type=int, default=3)
     ap.add_argument("--w4-mib", type=int, default=64)
     ap.add_argument("--w4-reps", type=int, default=3)
