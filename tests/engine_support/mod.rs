@@ -126,8 +126,12 @@ impl Collect {
     }
 }
 
+/// The venv atoms import from: the project's `.venv` (3.13), or
+/// `ENGINE_TEST_VENV` (e.g. a 3.12 venv, when built with that PYO3_PYTHON).
 pub fn venv() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv")
+    std::env::var_os("ENGINE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv"))
 }
 
 pub fn config() -> EngineConfig {
