@@ -378,3 +378,13 @@ def test_atom_larger_than_the_servers_frame_limit_is_refused_before_sending(star
 def test_unknown_backend_is_refused_with_the_reason(server):
     with pytest.raises(pyproxy.SessionRefused, match="UNSUPPORTED_BACKEND"):
         PyProxySession(server.address, token=server.token, backend="nonsense").connect()
+
+
+def test_session_iterator_sees_atoms_whose_futures_were_dropped(session):
+    lines = session.output(timeout=20)
+    first = session.eval("print('first')")
+    assert next(lines) == (1, "first")
+    first.wait(10)
+    del first
+    session.eval("print('fire and forget')")  # future dropped at once
+    assert next(lines) == (1, "fire and forget")

@@ -787,6 +787,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn output_of_a_released_atom_is_kept_only_for_a_session_reader() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        let b = s.submit(AtomKind::Source, b"2", None, None, None).unwrap();
+        peer.send_out(
+            Message::Output(Output {
+                fd: 1,
+                data: b"early\n".to_vec(),
+            }),
+            a,
+        );
+        peer.send_out(Message::EndOfOutput, a);
+        peer.send_main(value(b"x"), a);
+        wait(&s, a);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s.shared.lock().atom_output[&a].ended && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Nobody reads the whole session's output: a released atom's lines go.
+        s.release(a);
+        assert!(s.shared.lock().output.is_empty());
+        assert!(!s.shared.lock().atom_output.contains_key(&a));
+        // Once a session reader exists, a released atom's lines wait for it.
+        let (none, _) = s.read_output(None, Some(Duration::ZERO), 1 << 20).unwrap();
+        assert!(none.is_empty());
+        s.release(b);
+        peer.send_out(
+            Message::Output(Output {
+                fd: 2,
+                data: b"late\n".to_vec(),
+            }),
+            b,
+        );
+        let (got, _) = s
+            .read_output(None, Some(Duration::from_secs(5)), 1 << 20)
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![Chunk {
+                atom: b,
+                fd: 2,
+                data: b"late\n".to_vec()
+            }]
+        );
+    }
+
+    #[test]
     fn a_hang_up_after_our_close_is_a_client_close() {
         // Regression: the server answers CLOSE by closing; when that EOF beat the
         // wake-up pipe, the session counted as killed and output() raised.

@@ -132,6 +132,10 @@ pub(crate) struct State {
     pub output: BTreeMap<u64, Chunk>,
     pub next_seq: u64,
     pub atom_output: HashMap<u64, AtomOutput>,
+    /// Someone has iterated over the whole session's output. Until then, the
+    /// output of an atom whose future is gone has no reader and is dropped, so
+    /// a long-lived session that only uses `output(future)` holds no old output.
+    pub session_reader: bool,
     pub logs: VecDeque<LogRecord>,
     /// Set once, when the session dies; never cleared.
     pub dead: Option<Death>,
@@ -152,18 +156,21 @@ impl State {
     }
 
     pub fn push_output(&mut self, atom: u64, fd: u8, data: Vec<u8>) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.output.insert(seq, Chunk { atom, fd, data });
-        self.atom_output
+        let entry = self
+            .atom_output
             .entry(atom)
             // Output for an atom this client never sent: nobody will release it.
             .or_insert_with(|| AtomOutput {
                 released: true,
                 ..AtomOutput::default()
-            })
-            .seqs
-            .push_back(seq);
+            });
+        if entry.released && !self.session_reader {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        entry.seqs.push_back(seq);
+        self.output.insert(seq, Chunk { atom, fd, data });
     }
 
     pub fn end_output(&mut self, atom: u64) {
@@ -759,12 +766,22 @@ impl Session {
         }
     }
 
-    /// The atom's future is gone: forget its result, and its output once read.
+    /// The atom's future is gone: forget its result; forget its unread output
+    /// too unless the session's output is being iterated (then once read).
     pub fn release(&self, atom: u64) {
         let mut st = self.shared.lock();
         st.atoms.remove(&atom);
+        let keep = st.session_reader;
         if let Some(o) = st.atom_output.get_mut(&atom) {
             o.released = true;
+            let dropped: Vec<u64> = if keep {
+                Vec::new()
+            } else {
+                o.seqs.drain(..).collect()
+            };
+            for seq in dropped {
+                st.output.remove(&seq);
+            }
         }
         st.forget_output_if_finished(atom);
     }
@@ -783,6 +800,9 @@ impl Session {
     ) -> Result<(Vec<Chunk>, bool)> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.shared.lock();
+        if atom.is_none() {
+            st.session_reader = true;
+        }
         loop {
             let chunks = match atom {
                 Some(a) => st.take_atom_output(a, max_bytes),

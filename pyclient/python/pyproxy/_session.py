@@ -219,7 +219,9 @@ class PyProxySession:
         With `future`: that atom's lines; the iterator ends once the atom is done and
         every line it wrote has been yielded. Without: the lines of every atom of the
         session as they arrive, until the session is closed. Each line is delivered
-        once, to whichever of the two kinds of iterator reads it first. Waiting
+        once, to whichever of the two kinds of iterator reads it first. Unread lines of
+        an atom whose future was garbage-collected are dropped, unless ``output()``
+        without a future was called before on this session. Waiting
         releases the GIL. If the session dies, the lines already received are
         yielded, then :class:`SessionClosed` is raised. `timeout` bounds the whole
         iteration (``TimeoutError`` when it passes).
