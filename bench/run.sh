@@ -3,8 +3,9 @@
 #
 #   bench/run.sh [run.py flags]     e.g. bench/run.sh --peers pyproxy,floor --workloads w1,w2
 #
-# Does its own set-up: builds the server, the client wheel and the Rust floor
-# binary if missing, makes bench/.venv with the same Python as .venv, installs
+# Does its own set-up: builds the server and the client wheel of the current tree
+# (`make build`; BENCH_NO_BUILD=1 skips it if both exist), the Rust floor binary,
+# makes bench/.venv with the same Python as .venv, installs
 # the pinned peers (bench/requirements.txt) and the current client wheel, then
 # runs bench/run.py, which prints the table and writes bench/results/latest.{md,json}.
 set -euo pipefail
@@ -14,7 +15,7 @@ BENCH=$ROOT/bench
 VENV=$BENCH/.venv
 export PYO3_PYTHON=$ROOT/.venv/bin/python
 
-if [ ! -x target/release/pyproxy-server ] || ! ls target/wheels/pyproxy-*.whl >/dev/null 2>&1; then
+if [ "${BENCH_NO_BUILD:-}" != 1 ] || [ ! -x target/release/pyproxy-server ] || ! ls target/wheels/pyproxy-*.whl >/dev/null 2>&1; then
   make build
 fi
 cargo build --quiet --release -p pyproxy-bench
