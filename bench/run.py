@@ -121,7 +121,7 @@ def w1_result(times: list[float]) -> dict:
 
 def ticker_while(work) -> float:
     """Runs `work` in a second thread and a 1 ms sleep ticker in this (main) thread;
-    returns the longest gap between ticks in ms. With work=None, ticks for 1 s idle."""
+    returns the longest gap between ticks in ms. With work=None, ticks for 2 s idle."""
     done = threading.Event()
     err: list[BaseException] = []
 
@@ -134,7 +134,7 @@ def ticker_while(work) -> float:
             done.set()
 
     if work is None:
-        threading.Timer(1.0, done.set).start()
+        threading.Timer(2.0, done.set).start()
     else:
         threading.Thread(target=runner, daemon=True).start()
     worst = 0.0
