@@ -48,15 +48,19 @@ $(VPY):
 	fi; \
 	echo "Creating $(VENV) with $$py"; \
 	"$$py" -m venv $(VENV)
+
+VENV_STAMP := $(VENV)/.requirements-installed
+$(VENV_STAMP): $(VPY) integration/requirements.txt
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet "maturin>=1.5,<2" "pytest>=8" "pytest-timeout>=2.3" "cloudpickle>=3.0"
+	$(VPY) -m pip install --quiet -r integration/requirements.txt
+	touch $@
 
-venv: $(VPY)
+venv: $(VENV_STAMP)
 
-server: $(VPY)
+server: $(VENV_STAMP)
 	cargo build --release --bin pyproxy-server
 
-client: $(VPY)
+client: $(VENV_STAMP)
 	rm -rf $(WHEEL_DIR)
 	$(VENV)/bin/maturin build --quiet --release -m pyclient/Cargo.toml -i $(VPY) -o $(WHEEL_DIR)
 	$(VPY) -m pip install --quiet --force-reinstall --no-deps $(WHEEL_DIR)/pyproxy-*.whl
@@ -71,11 +75,11 @@ demo: build
 fmt:
 	cargo fmt --all
 
-lint: $(VPY)
+lint: $(VENV_STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test-rust: $(VPY)
+test-rust: $(VENV_STAMP)
 	cargo test --workspace
 
 test-python: build
@@ -89,7 +93,7 @@ test: lint test-rust test-python
 # minimised corpus under integration/fuzz/corpus stays as committed.
 FUZZ_SECONDS ?= 300
 FUZZ_TARGETS := frame_decoder handshake
-fuzz: $(VPY)
+fuzz: $(VENV_STAMP)
 	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 	for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t; \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
+import signal as signals
 import subprocess
 import threading
 import time
@@ -73,6 +73,7 @@ class Server:
 
         reader = threading.Thread(target=read_stdout, daemon=True)
         reader.start()
+        self._reader = reader
         deadline = time.monotonic() + START_TIMEOUT
         while not found:
             if self.proc.poll() is not None:
@@ -86,7 +87,8 @@ class Server:
         return found[0]
 
     def log_text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def rss_kb(self) -> int:
@@ -102,22 +104,33 @@ class Server:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+    def stop(self, sig: int = signals.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Stops the server with `sig` and returns its exit code (kills it past `timeout`)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                text = self.log_text()
                 self.kill()
-                raise AssertionError(f"pyproxy-server did not stop within {timeout}s of {sig!r}:\n{self.log_text()}")
-        self._log.close()
+                raise AssertionError(f"pyproxy-server did not stop within {timeout}s of {sig!r}:\n{text}")
+        self._close_files()
         return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self._close_files()
+
+    def _close_files(self) -> None:
+        # The stdout reader ends at EOF, which follows the process's exit; closing the
+        # pipe under a thread still reading it would raise in that thread.
+        self._reader.join(5)
+        if self.proc.stdout and not self.proc.stdout.closed and not self._reader.is_alive():
+            self.proc.stdout.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 @pytest.fixture
@@ -136,6 +149,8 @@ def start_server(tmp_path):
     for s in started:
         if s.proc.poll() is None:
             s.stop()
+        else:
+            s._close_files()
 
 
 @pytest.fixture

@@ -56,7 +56,9 @@ pub struct AtomRequest {
 /// A call may block (back-pressure from a client that does not read); the
 /// engine tolerates that, and it slows only that session's atoms.
 pub trait SessionSink: Send + Sync + 'static {
-    /// Whole lines the atom wrote to `fd` (1 or 2), each ending in `\n`.
+    /// Lines the atom wrote to `fd` (1 or 2), each ending in `\n` — except that
+    /// the last piece of a call may lack it: an atom's final partial line, or a
+    /// `max_line`-sized piece of a longer line. Bytes are passed unchanged.
     fn output(&self, atom: u64, fd: u8, lines: Vec<u8>);
     /// Every byte the atom wrote before it returned has been passed to `output`.
     fn end_of_output(&self, atom: u64);
@@ -69,8 +71,8 @@ pub type Sink = Arc<dyn SessionSink>;
 
 mod error;
 mod interp;
-mod output;
-mod python;
+pub(crate) mod output;
+pub(crate) mod python;
 mod runtime;
 mod session;
 mod watchdog;

@@ -247,15 +247,23 @@ impl<R: Read> FrameReader<R> {
     /// [`Error::ConnectionClosed`]; an end inside one is [`Error::Truncated`].
     pub fn read_frame(&mut self) -> Result<Frame> {
         let mut head = [0u8; HEADER_SIZE];
-        let got = read_full(&mut self.inner, &mut head)?;
+        let got = read_full(&mut self.inner, &mut head[..LENGTH_SIZE])?;
         if got == 0 {
             return Err(Error::ConnectionClosed);
         }
-        // Check the length prefix as soon as it is in, so an oversized or
-        // nonsensical prefix is refused even if the rest never arrives.
+        if got < LENGTH_SIZE {
+            return Err(Error::Truncated {
+                needed: HEADER_SIZE,
+                got,
+            });
+        }
+        // Judge the length prefix before waiting for anything else, so an
+        // oversized or nonsensical prefix is refused even if no more bytes come.
+        Header::parse(&head[..LENGTH_SIZE], self.max_frame)?;
+        let got = LENGTH_SIZE + read_full(&mut self.inner, &mut head[LENGTH_SIZE..])?;
         let header = match Header::parse(&head[..got], self.max_frame)? {
-            Some(h) if got == HEADER_SIZE => h,
-            _ => {
+            Some(h) => h,
+            None => {
                 return Err(Error::Truncated {
                     needed: HEADER_SIZE,
                     got,

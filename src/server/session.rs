@@ -588,7 +588,13 @@ impl Session {
 struct Sink(Arc<Session>);
 
 impl SessionSink for Sink {
-    fn output(&self, atom: u64, fd: u8, lines: Vec<u8>) {
+    fn output(&self, atom: u64, fd: u8, mut lines: Vec<u8>) {
+        // The engine may end a call with a piece that has no newline (an atom's final
+        // partial line, or a piece of an over-long line); on the wire every line ends
+        // in one (docs/protocol.md, OUTPUT), so the receiver just splits on it.
+        if lines.last() != Some(&b'\n') {
+            lines.push(b'\n');
+        }
         for data in split_pieces(lines, OUTPUT_PIECE) {
             self.0
                 .push_output(Message::Output(Output { fd, data }).to_frame(atom));
