@@ -105,10 +105,18 @@ def test_output_decodes_with_backslashreplace_and_keeps_empty_lines(session):
     assert list(session.output(f)) == [(1, "a\\xffb"), (1, "")]
 
 
-@pytest.mark.xfail(reason="server does not yet flush a final line without newline (docs/protocol.md, OUTPUT)")
 def test_final_line_without_newline_is_delivered(session):
+    # Regression: a final line without a newline used to reach the client unterminated and be lost.
     f = session.eval("print('partial', end='')")
     assert list(session.output(f, timeout=10)) == [(1, "partial")]
+
+
+def test_long_line_is_split_and_nothing_is_lost(session):
+    f = session.eval("import sys\nsys.stdout.write('x' * 200_000 + '\\nend\\n')")
+    lines = list(session.output(f, timeout=30))
+    assert "".join(line for _, line in lines[:-1]) == "x" * 200_000
+    assert len(lines) > 2, "a 200 kB line is sent in pieces of at most max_line bytes"
+    assert lines[-1] == (1, "end")
 
 
 def test_callables_from_main_closures_and_lambdas(session):
