@@ -414,7 +414,7 @@ def test_connections_per_peer_are_limited(start_server):
 
 def test_many_idle_connections_do_not_stop_a_good_client(start_server):
     server = start_server(handshake_timeout=2)
-    idle = [wire.Conn(server.host, server.port) for _ in range(300)]
+    idle = [wire.Conn(server.host, server.port) for _ in range(500)]  # issue 6: 500 idle connections
     started = time.monotonic()
     s = wire.open_session(server.host, server.port, server.token)
     assert_healthy(s, 1)
