@@ -8,17 +8,22 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-VENV        := .venv
+# Overridable so one Makefile builds and tests against 3.13 and 3.12 side by side
+# (`make test` does both): each Python gets its own venv and cargo target directory.
+PY_VERSIONS ?= 3.13 3.12
+VENV        ?= .venv
+TARGET_DIR  ?= target
 VPY         := $(VENV)/bin/python
-SERVER      := target/release/pyproxy-server
-WHEEL_DIR   := target/wheels
+SERVER      := $(TARGET_DIR)/release/pyproxy-server
+WHEEL_DIR   := $(TARGET_DIR)/wheels
 DEMO_PORT   ?= 9000
 PYTEST_ARGS ?=
+export CARGO_TARGET_DIR = $(abspath $(TARGET_DIR))
 
-# The newest Python >= 3.12 we can find, preferring 3.13 (see .python-version).
+# The first Python of PY_VERSIONS we can find (>= 3.12; see .python-version).
 # Looked up lazily so targets that need no Python never fail for want of one.
 find_python = $(shell \
-	for v in 3.13 3.12; do \
+	for v in $(PY_VERSIONS); do \
 	  for c in "$$(command -v pyenv >/dev/null 2>&1 && pyenv prefix $$v 2>/dev/null | head -n1)/bin/python$$v" \
 	           "$$(command -v python$$v 2>/dev/null)" \
 	           $$(ls -d $$HOME/.pyenv/versions/$$v*/bin/python$$v /usr/local/bin/python$$v /usr/bin/python$$v 2>/dev/null); do \
@@ -29,19 +34,19 @@ find_python = $(shell \
 # Server and client venv use the same Python: the server links the venv's libpython.
 export PYO3_PYTHON = $(abspath $(VPY))
 
-.PHONY: help venv build server client demo test test-rust test-python lint fmt fuzz clean
+.PHONY: help venv build server client demo test test-rust test-python test-py312 print-python lint fmt fuzz clean
 
 help:
 	@echo "make demo   - build, start pyproxy-server on 127.0.0.1:$(DEMO_PORT), run the concept example, stop"
 	@echo "make test   - build, lint and run every test (Rust and Python integration)"
 	@echo "make build  - build target/release/pyproxy-server and install the client into .venv"
 	@echo "make fuzz   - fuzz the frame decoder and the handshake, FUZZ_SECONDS each (default 300)"
-	@echo "make clean  - remove build outputs and the venv"
+	@echo "make clean  - remove build outputs and the venvs"
 
 $(VPY):
 	@py="$(find_python)"; \
 	if [ -z "$$py" ]; then \
-	  echo "error: PyProxy needs Python 3.13 or 3.12 (own-GIL sub-interpreters)." >&2; \
+	  echo "error: PyProxy needs Python $(PY_VERSIONS) (own-GIL sub-interpreters); none was found." >&2; \
 	  echo "       Install one, e.g. 'pyenv install 3.13' or 'apt-get install python3.13 python3.13-venv'," >&2; \
 	  echo "       and run make again." >&2; \
 	  exit 1; \
@@ -86,7 +91,19 @@ test-python: build
 	PYPROXY_SERVER=$(abspath $(SERVER)) PYPROXY_PYTHON_ENV=$(abspath $(VENV)) \
 	  $(VPY) -m pytest integration $(PYTEST_ARGS)
 
-test: lint test-rust test-python
+# The same Rust and integration tests against Python 3.12, in .venv-py3.12 and target/py3.12.
+# Skipped, loudly, where no 3.12 is installed.
+test-py312:
+	@if [ -z "$$($(MAKE) --no-print-directory -s PY_VERSIONS=3.12 VENV=.venv-py3.12 print-python)" ]; then \
+	  echo "WARNING: Python 3.12 not found: the 3.12 test run is skipped"; \
+	else \
+	  $(MAKE) --no-print-directory PY_VERSIONS=3.12 VENV=.venv-py3.12 TARGET_DIR=target/py3.12 test-rust test-python; \
+	fi
+
+print-python:
+	@echo "$(find_python)"
+
+test: lint test-rust test-python test-py312
 
 # cargo fuzz needs nightly-only flags (sanitizers); RUSTC_BOOTSTRAP lets the one stable
 # toolchain on these machines accept them. New inputs go to target/fuzz-corpus; the small,
@@ -103,4 +120,4 @@ fuzz: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf .venv .venv-py3.12 target
