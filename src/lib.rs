@@ -10,4 +10,6 @@ pub mod protocol;
 #[cfg(feature = "server")]
 pub mod engine;
 #[cfg(feature = "server")]
+pub mod fork;
+#[cfg(feature = "server")]
 pub mod server;

@@ -2,9 +2,11 @@
 //!
 //! The only place that formats an error for a human and picks an exit code:
 //! 0 after a clean shutdown, 2 for a usage error, 1 for any other failure.
-//! Start-up order matters: the engine initialises CPython on this thread
-//! before any other thread exists, then we bind, then print the one stdout
-//! line clients and tests wait for.
+//! Start-up order matters: the fork backend's zygote is forked first, while
+//! this process still has one thread (forking a multi-threaded process is
+//! unsafe); then the engine initialises CPython on this thread before any
+//! other thread exists; then we bind, then print the one stdout line clients
+//! and tests wait for.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -13,9 +15,11 @@ use clap::Parser;
 use slog::o;
 
 use pyproxy::engine::Engine;
+use pyproxy::fork::{self, ForkBackend};
+use pyproxy::server::config::BackendKind;
 use pyproxy::server::listener::SignalThread;
 use pyproxy::server::logging::{build_logger, LogRoutes};
-use pyproxy::server::{token, Backend, Cli, Server, ServerError};
+use pyproxy::server::{token, Backend, Backends, Cli, Server, ServerError};
 
 fn main() {
     let cli = Cli::parse();
@@ -28,13 +32,31 @@ fn main() {
 fn run(cli: Cli) -> Result<(), ServerError> {
     let env_token = std::env::var_os("PYPROXY_TOKEN").is_some();
     let config = cli.into_config(env_token)?;
+    let zygote = fork::fork_zygote(&config.fork)
+        .map_err(|e| ServerError::Engine(format!("cannot fork the fork backend's zygote: {e}")))?;
     let routes = LogRoutes::new();
     let log = build_logger(config.log_format, config.log_level, Arc::clone(&routes));
     let token = token::resolve(&config.token_source)?;
 
     let engine = Engine::start(config.engine.clone(), log.new(o!("component" => "engine")))
         .map_err(|e| ServerError::Engine(e.to_string()))?;
-    let backend: Arc<dyn Backend> = Arc::new(engine);
+    let engine: Arc<dyn Backend> = Arc::new(engine);
+    let forker = match ForkBackend::start(
+        zygote,
+        config.fork.clone(),
+        log.new(o!("component" => "fork")),
+    ) {
+        Ok(f) => Arc::new(f) as Arc<dyn Backend>,
+        Err(e) => {
+            engine.shutdown(config.limits.shutdown_grace);
+            return Err(ServerError::Engine(e));
+        }
+    };
+    let mut list = vec![("subinterp", engine), (fork::NAME, forker)];
+    if config.backend == BackendKind::Fork {
+        list.reverse();
+    }
+    let backend: Arc<dyn Backend> = Arc::new(Backends::new(list));
 
     let server = match Server::bind(&config, token, Arc::clone(&backend), log.clone(), routes) {
         Ok(s) => s,

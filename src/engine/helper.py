@@ -9,6 +9,11 @@ between interpreters) and calls, with that interpreter's GIL held:
 * ``reset()`` when a session ends, so that the next session finds the
   interpreter as it was when it was warmed up.
 
+The fork backend (``src/fork``) loads the same source into its zygote's main
+interpreter as the module ``_pyproxy_engine``, calls ``setup_process(preload)``
+instead of ``setup`` and ``run`` in every worker, so both backends give atoms
+the same semantics.
+
 Everything here is written so that it never raises out of ``run`` or
 ``reset``: failures come back as values.
 """
@@ -130,6 +135,20 @@ def setup(out_fd, err_fd, workdir, preload, environ):
     _atexit.register = _tracking_register
     _gc.collect()
     _take_snapshot(environ)
+
+
+def setup_process(preload):
+    """The fork backend's set-up, run once in its zygote before any worker is
+    forked: the standard streams write to fds 1 and 2 (which each worker points
+    at its own pipes) and the preload modules are imported. Nothing here is
+    isolated: the zygote is a whole process, so no import is refused and no
+    snapshot is taken (a worker is thrown away, never reset)."""
+    global _out_fd, _err_fd
+    _out_fd, _err_fd = 1, 2
+    _open_streams()
+    for name in preload:
+        __import__(name)
+    _gc.collect()
 
 
 def _take_snapshot(environ):

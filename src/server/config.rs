@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::engine::EngineConfig;
+use crate::fork::{ForkConfig, User, WorkerLimits};
 use crate::protocol::DEFAULT_MAX_FRAME;
 
 use super::error::ServerError;
@@ -42,7 +43,8 @@ pub struct Cli {
     #[arg(long, default_value = "127.0.0.1:9000", value_name = "HOST:PORT")]
     pub listen: String,
 
-    /// Execution backend. `subinterp`: one own-GIL sub-interpreter per session.
+    /// Default execution backend, for sessions that ask for none (both always run;
+    /// a client picks one per session with PyProxySession(..., backend=...)).
     #[arg(long, value_enum, default_value_t = BackendKind::Subinterp)]
     pub backend: BackendKind,
 
@@ -122,14 +124,54 @@ pub struct Cli {
     /// Seconds running atoms get to finish after SIGTERM/SIGINT before they are interrupted.
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
+
+    /// Fork backend: address-space limit of each worker process (RLIMIT_AS), e.g. 200M, 2G.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub worker_memory: Option<u64>,
+
+    /// Fork backend: CPU seconds each worker process may use (RLIMIT_CPU; then SIGXCPU).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub worker_cpu: Option<u64>,
+
+    /// Fork backend: open files per worker process (RLIMIT_NOFILE).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(8..))]
+    pub worker_files: Option<u64>,
+
+    /// Fork backend: seconds between SIGINT (cancel, timeout) or SIGTERM (session
+    /// closed) and SIGKILL of a worker that does not stop.
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
+    pub kill_grace: Duration,
+
+    /// Fork backend: make a fresh directory per session under DIR, the worker's
+    /// working directory, removed when the session ends.
+    #[arg(long, value_name = "DIR")]
+    pub sandbox_dir: Option<PathBuf>,
+
+    /// Fork backend: run workers as this user (the server must run as root).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// Fork backend: workers forked in advance so opening a session never waits for a fork.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warm_workers: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
     /// Own-GIL sub-interpreters in this process (CPython >= 3.12).
     Subinterp,
-    /// A forked worker process per session (not available yet).
+    /// A worker process per session, forked from a zygote (numpy and friends; crash isolation).
     Fork,
+}
+
+impl BackendKind {
+    /// The name on the wire (HELLO/WELCOME `backend`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Subinterp => "subinterp",
+            BackendKind::Fork => crate::fork::NAME,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -170,6 +212,60 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is not a non-negative number of seconds"));
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// `200M`, `2G`, `1048576`: bytes, with an optional binary K/M/G/T suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 512M, 2G)"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("`{s}` is not a usable size"))
+}
+
+/// Looks `name` up in the user database.
+fn lookup_user(name: &str) -> Result<User, ServerError> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| ServerError::Config(format!("--user {name:?}: not a user name")))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: getpwnam_r writes into our buffers; `result` points into `pwd`.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return Err(ServerError::Config(format!(
+                "--user {name}: no such user on this system"
+            )));
+        }
+        let home = (!pwd.pw_dir.is_null()).then(|| {
+            PathBuf::from(std::ffi::OsStr::from_encoded_bytes_unchecked(
+                std::ffi::CStr::from_ptr(pwd.pw_dir).to_bytes(),
+            ))
+        });
+        Ok(User {
+            name: name.to_owned(),
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+            home,
+        })
+    }
 }
 
 /// Every limit the network layer enforces. Invariant: all counts are at least 1.
@@ -222,6 +318,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub token_source: TokenSource,
     pub engine: EngineConfig,
+    /// The default backend (`--backend`); both run.
+    pub backend: BackendKind,
+    pub fork: ForkConfig,
     pub log_level: slog::Level,
     pub log_format: LogFormat,
 }
@@ -230,10 +329,26 @@ impl Cli {
     /// Checks the command line and resolves the listen address.
     /// `env_token_set`: whether PYPROXY_TOKEN is set (passed in so tests need no environment).
     pub fn into_config(self, env_token_set: bool) -> Result<ServerConfig, ServerError> {
-        if self.backend == BackendKind::Fork {
-            return Err(ServerError::Config(
-                "--backend fork is not available yet (issue 5); use --backend subinterp".into(),
-            ));
+        let user = match &self.user {
+            None => None,
+            Some(name) => {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } != 0 {
+                    return Err(ServerError::Config(format!(
+                        "--user {name} needs the server to run as root (it switches each \
+                         worker to that user after fork)"
+                    )));
+                }
+                Some(lookup_user(name)?)
+            }
+        };
+        if let Some(dir) = &self.sandbox_dir {
+            if !dir.is_dir() {
+                return Err(ServerError::Config(format!(
+                    "--sandbox-dir {}: not a directory",
+                    dir.display()
+                )));
+            }
         }
         let addrs: Vec<SocketAddr> = self
             .listen
@@ -295,11 +410,31 @@ impl Cli {
             max_line: self.max_line as usize,
             default_timeout: limits.default_timeout,
         };
+        let fork = ForkConfig {
+            python_env: engine.python_env.clone(),
+            workdir: engine.workdir.clone(),
+            preload: engine.preload.clone(),
+            max_line: engine.max_line,
+            default_timeout: engine.default_timeout,
+            limits: WorkerLimits {
+                memory: self.worker_memory,
+                cpu_seconds: self.worker_cpu,
+                files: self.worker_files,
+            },
+            kill_grace: self.kill_grace,
+            sandbox_dir: self
+                .sandbox_dir
+                .map(|d| std::fs::canonicalize(&d).unwrap_or(d)),
+            user,
+            warm_workers: self.warm_workers as usize,
+        };
         Ok(ServerConfig {
             listen,
             limits,
             token_source,
             engine,
+            backend: self.backend,
+            fork,
             log_level: self.log_level.to_slog(),
             log_format: self.log_format,
         })
@@ -345,9 +480,41 @@ mod tests {
     }
 
     #[test]
-    fn fork_backend_is_refused_clearly() {
-        let err = parse(&["--backend", "fork"]).unwrap_err();
-        assert!(err.contains("not available yet"), "{err}");
+    fn fork_flags_parse_into_the_fork_config() {
+        let c = parse(&[
+            "--backend",
+            "fork",
+            "--worker-memory",
+            "200M",
+            "--worker-cpu",
+            "5",
+            "--worker-files",
+            "64",
+            "--kill-grace",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(c.backend, BackendKind::Fork);
+        assert_eq!(c.fork.limits.memory, Some(200 << 20));
+        assert_eq!(c.fork.limits.cpu_seconds, Some(5));
+        assert_eq!(c.fork.limits.files, Some(64));
+        assert_eq!(c.fork.kill_grace, Duration::from_millis(500));
+        assert_eq!(c.fork.warm_workers, 1);
+        assert!(parse(&["--worker-memory", "lots"]).is_err());
+        assert!(parse(&["--sandbox-dir", "/nonexistent/pyproxy"]).is_err());
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+    }
+
+    #[test]
+    fn an_unknown_user_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let err = parse(&["--user", "no-such-user-pyproxy"]).unwrap_err();
+        assert!(
+            err.contains(if root { "no such user" } else { "root" }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -55,10 +55,15 @@ impl Refusal {
     }
 }
 
+/// Backend names a client may ask for, known to this version of PyProxy.
+pub const KNOWN_BACKENDS: [&str; 2] = ["subinterp", "fork"];
+
 /// One connection's side of the handshake, holding its fresh nonce.
 pub struct Challenger {
     token: Option<Token>,
     nonce: [u8; NONCE_LEN],
+    /// The backends this server runs, the default first.
+    backends: Vec<String>,
 }
 
 impl Challenger {
@@ -67,11 +72,33 @@ impl Challenger {
         Ok(Challenger {
             token,
             nonce: auth::random_nonce()?,
+            backends: vec![BACKEND.to_owned()],
         })
     }
 
     pub fn with_nonce(token: Option<Token>, nonce: [u8; NONCE_LEN]) -> Challenger {
-        Challenger { token, nonce }
+        Challenger {
+            token,
+            nonce,
+            backends: vec![BACKEND.to_owned()],
+        }
+    }
+
+    /// The backends this server runs, the default first (not empty).
+    pub fn with_backends(mut self, names: &[&str]) -> Challenger {
+        if !names.is_empty() {
+            self.backends = names.iter().map(|n| (*n).to_owned()).collect();
+        }
+        self
+    }
+
+    /// The backend a checked HELLO's `backend` field selects.
+    pub fn backend_for<'a>(&'a self, requested: &'a str) -> &'a str {
+        if requested.is_empty() {
+            &self.backends[0]
+        } else {
+            requested
+        }
     }
 
     pub fn auth_required(&self) -> bool {
@@ -117,20 +144,20 @@ impl Challenger {
                 ),
             ));
         }
-        match h.backend.as_str() {
-            "" | BACKEND => {}
-            "fork" => {
-                return Err(Refusal::new(
-                    ErrorCode::UnsupportedBackend,
-                    "the fork backend is not available yet; this server runs `subinterp`",
-                ))
-            }
-            other => {
-                return Err(Refusal::new(
-                    ErrorCode::UnsupportedBackend,
-                    format!("unknown backend `{other}`; this server runs `subinterp`"),
-                ))
-            }
+        let requested = h.backend.as_str();
+        if !requested.is_empty() && !self.backends.iter().any(|b| b == requested) {
+            let runs = self
+                .backends
+                .iter()
+                .map(|b| format!("`{b}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let message = if KNOWN_BACKENDS.contains(&requested) {
+                format!("the `{requested}` backend is not available on this server; it runs {runs}")
+            } else {
+                format!("unknown backend `{requested}`; this server runs {runs}")
+            };
+            return Err(Refusal::new(ErrorCode::UnsupportedBackend, message));
         }
         if let Some(token) = &self.token {
             if !auth::verify_client_proof(token.as_bytes(), &self.nonce, &h.client_nonce, &h.proof)
@@ -164,7 +191,7 @@ impl Challenger {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             implementation: engine.0.to_owned(),
             python_version: engine.1.to_owned(),
-            backend: BACKEND.to_owned(),
+            backend: self.backend_for(&hello.backend).to_owned(),
             limits,
         })
         .to_frame(0)
@@ -342,6 +369,36 @@ mod tests {
     }
 
     #[test]
+    fn the_backend_is_chosen_per_session_among_those_the_server_runs() {
+        let ch = Challenger::with_nonce(None, NONCE).with_backends(&["fork", "subinterp"]);
+        let limits = Limits {
+            max_frame: 1,
+            max_pipelined: 1,
+            max_line: 1,
+            default_timeout_ms: None,
+        };
+        for (asked, runs) in [("", "fork"), ("fork", "fork"), ("subinterp", "subinterp")] {
+            let mut h = hello(b"x", &NONCE);
+            h.backend = asked.into();
+            let (out, _) = run(&ch, vec![Message::Hello(h.clone()).to_frame(0)]);
+            assert!(matches!(out, Ok(FirstFrame::Hello(_))), "{asked}");
+            let Message::Welcome(w) =
+                Message::decode(&ch.welcome(&h, 1, [0; 32], ("a", "b"), limits.clone())).unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!(w.backend, runs);
+        }
+        let mut h = hello(b"x", &NONCE);
+        h.backend = "threads".into();
+        let (out, _) = run(&ch, vec![Message::Hello(h).to_frame(0)]);
+        assert!(
+            matches!(out, Err(HandshakeError::Refused(ref r)) if r.code == ErrorCode::UnsupportedBackend
+                && r.message.contains("`threads`") && r.message.contains("`fork`, `subinterp`")),
+        );
+    }
+
+    #[test]
     fn version_backend_and_kind_are_checked() {
         let ch = Challenger::with_nonce(Some(Token::new("tok")), NONCE);
         let mut h = hello(b"tok", &NONCE);
@@ -355,7 +412,7 @@ mod tests {
         h.backend = "fork".into();
         let (out, _) = run(&ch, vec![Message::Hello(h).to_frame(0)]);
         assert!(
-            matches!(out, Err(HandshakeError::Refused(ref r)) if r.code == ErrorCode::UnsupportedBackend && r.message.contains("not available yet"))
+            matches!(out, Err(HandshakeError::Refused(ref r)) if r.code == ErrorCode::UnsupportedBackend && r.message.contains("not available"))
         );
 
         let (out, sent) = run(&ch, vec![Message::Close.to_frame(0)]);

@@ -350,7 +350,7 @@ fn handle_connection(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, 
     let mut reader = FrameReader::new(BufReader::new(r), PRE_AUTH_MAX_FRAME);
     let mut writer = FrameWriter::new(BufWriter::new(w));
     let challenger = match Challenger::new(shared.token.clone()) {
-        Ok(c) => c,
+        Ok(c) => c.with_backends(&shared.backend.names()),
         Err(e) => {
             warn!(log, "cannot draw a nonce"; "error" => %e);
             return;

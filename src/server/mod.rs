@@ -28,6 +28,7 @@ use std::time::Duration;
 use crate::engine::{AtomRequest, Sink};
 
 pub use config::{Cli, ServerConfig};
+pub use engine_link::Backends;
 pub use error::ServerError;
 pub use listener::Server;
 
@@ -47,6 +48,22 @@ pub trait Backend: Send + Sync + 'static {
     fn implementation(&self) -> &str;
     /// Lets running atoms finish within `grace`, interrupts the rest, ends the interpreters.
     fn shutdown(&self, grace: Duration);
+    /// The backend names (HELLO/WELCOME `backend`) this server runs; the
+    /// first is the default for a HELLO that names none.
+    fn names(&self) -> Vec<&str> {
+        vec![handshake::BACKEND]
+    }
+    /// Opens a session on the backend `name`, one of [`names`](Backend::names).
+    fn open_named(
+        &self,
+        name: &str,
+        session_id: u64,
+        sink: Sink,
+        log: slog::Logger,
+    ) -> Result<Box<dyn BackendSession>, String> {
+        let _ = name;
+        self.open_session(session_id, sink, log)
+    }
 }
 
 /// One session's handle on the engine.

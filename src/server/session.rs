@@ -724,7 +724,8 @@ pub fn run_main(
         return;
     }
     let sink: Arc<dyn SessionSink> = Arc::new(Sink(Arc::clone(&session)));
-    match shared.backend.open_session(id, sink, log.clone()) {
+    let backend = challenger.backend_for(&hello.backend).to_owned();
+    match shared.backend.open_named(&backend, id, sink, log.clone()) {
         Ok(engine) => *lock(&session.engine) = Some(engine),
         Err(e) => {
             warn!(log, "the engine could not open the session"; "error" => %e);
@@ -756,7 +757,8 @@ pub fn run_main(
                 info!(log, "client connected";
                     "peer" => %peer, "client" => &hello.client,
                     "client_python" => &hello.python_version,
-                    "client_implementation" => &hello.implementation);
+                    "client_implementation" => &hello.implementation,
+                    "backend" => &backend);
                 let me = Arc::clone(&session);
                 if let Err(e) = shared.spawn(
                     format!("pyproxy-main-{id}"),

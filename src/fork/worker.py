@@ -1,0 +1,144 @@
+"""PyProxy fork backend: the loop every worker process runs.
+
+The zygote loads this module (as ``_pyproxy_fork_worker``) next to the
+engine's helper (``_pyproxy_engine``, ``src/engine/helper.py``) and calls
+``prepare(preload)`` once. Each forked worker calls ``serve(3)``: fd 3 is its
+control socket to the server, fds 1 and 2 are pipes the server reads. Atoms
+run through the helper's ``run``, so both backends give them the same
+semantics. The message format is ``src/fork/wire.rs``'s: a ``u32`` big-endian
+length of what follows, a tag byte, the body.
+
+SIGINT is ignored while the worker waits and turned into KeyboardInterrupt
+only while an atom runs, so the server's interrupt (cancel, timeout) can never
+kill the loop between atoms.
+"""
+
+import os as _os
+import signal as _signal
+import struct as _struct
+
+import _pyproxy_engine as _helper
+
+_INIT, _ATOM, _READY, _RESULT = 1, 2, 3, 4
+_LEN = _struct.Struct(">I")
+_fflush = None
+
+
+def prepare(preload):
+    """In the zygote, before any fork: streams, cloudpickle, preload modules."""
+    global _fflush
+    _helper.setup_process(list(preload))
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.fflush.argtypes = [ctypes.c_void_p]
+        _fflush = libc.fflush
+    except Exception:  # noqa: BLE001 - without ctypes, C stdio is flushed at exit only
+        _fflush = None
+
+
+def _flush_c():
+    # C code (printf) buffers fully when stdout is a pipe: hand its bytes to the
+    # pipe before the result, so they belong to the atom that wrote them.
+    if _fflush is not None:
+        _fflush(None)
+
+
+def _read_exact(fd, n):
+    parts = []
+    while n:
+        chunk = _os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _recv(fd):
+    head = _read_exact(fd, 4)
+    if head is None:
+        return None
+    (length,) = _LEN.unpack(head)
+    body = _read_exact(fd, length)
+    if body is None or not body:
+        return None
+    return body[0], body[1:]
+
+
+def _send(fd, tag, body):
+    data = memoryview(_LEN.pack(len(body) + 1) + bytes((tag,)) + body)
+    while data:
+        data = data[_os.write(fd, data):]
+
+
+def _opt(view, pos):
+    if view[pos] == 0:
+        return None, pos + 1
+    (n,) = _LEN.unpack_from(view, pos + 1)
+    start = pos + 5
+    return bytes(view[start:start + n]), start + n
+
+
+def _decode_atom(body):
+    view = memoryview(body)
+    kind = view[0]
+    g, pos = _opt(view, 1)
+    loc, pos = _opt(view, pos)
+    return kind, g, loc, bytes(view[pos:])
+
+
+def _text(s):
+    b = s.encode("utf-8", "backslashreplace")
+    return _LEN.pack(len(b)) + b
+
+
+def _encode_result(r):
+    if r[0] == 0:
+        return b"\x00" + r[1]
+    _, type_name, message, traceback, pickled = r
+    parts = [b"\x01", _text(type_name), _text(message), _text(traceback)]
+    if pickled is None:
+        parts.append(b"\x00")
+    else:
+        parts += [b"\x01", _LEN.pack(len(pickled)), pickled]
+    return b"".join(parts)
+
+
+def _init(cwd):
+    if cwd:
+        try:
+            _os.chdir(cwd)
+        except OSError as e:
+            return f"cannot enter {cwd.decode(errors='replace')}: {e}".encode()
+    return b""
+
+
+def serve(fd, env=None):
+    """Runs atoms from the control socket until the server closes it. `env`:
+    entries to set first (the --user's HOME, USER, LOGNAME)."""
+    if env:
+        _os.environ.update(env)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    while True:
+        msg = _recv(fd)
+        if msg is None:
+            break
+        tag, body = msg
+        if tag == _INIT:
+            _send(fd, _READY, _init(body))
+        elif tag == _ATOM:
+            kind, g, loc, payload = _decode_atom(body)
+            try:
+                _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+                r = _helper.run(kind, payload, g, loc)
+            except KeyboardInterrupt:
+                # The interrupt landed outside run's own handlers.
+                r = (1, "builtins.KeyboardInterrupt", "", "", None)
+            finally:
+                _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+            _flush_c()
+            _send(fd, _RESULT, _encode_result(r))
+    _helper._flush()
+    _flush_c()

@@ -1,0 +1,548 @@
+//! The zygote: a process forked from `pyproxy-server` at start-up, before the
+//! server has any thread, that initialises its own CPython once (venv honoured,
+//! cloudpickle and the `--preload` modules imported) and then forks a worker
+//! process per request, so a worker starts in about a millisecond with
+//! everything already imported.
+//!
+//! Forking is only safe from a single-threaded process, which is why the
+//! zygote exists at all: the server is multi-threaded, the zygote never starts
+//! a thread. Its loop `poll(2)`s two fds — the `SOCK_SEQPACKET` socket to the
+//! server (records of [`super::wire`]) and a self-pipe its SIGCHLD handler
+//! writes to — reaps every child and reports each exit. Signals to workers go
+//! through it (`Record::Signal`), because only the process that reaps a pid
+//! knows it has not been reused.
+//!
+//! Lifetimes: the zygote dies with the server (`PR_SET_PDEATHSIG`), a worker
+//! dies with the zygote (the same), so no process outlives a crashed server.
+//! When the server closes its socket (shutdown) the zygote SIGTERMs every
+//! worker, SIGKILLs what is left after the kill grace, reaps them all and
+//! exits 0.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use pyo3::ffi;
+
+use crate::engine::python::{self, PyRef};
+
+use super::wire::{self, Record};
+use super::ForkConfig;
+
+const HELPER_SOURCE: &str = include_str!("../engine/helper.py");
+const WORKER_SOURCE: &str = include_str!("worker.py");
+/// The worker's control socket is moved to this fd (worker.py's `serve(3)`).
+const CTL_FD: RawFd = 3;
+
+/// The server's handle on the zygote it forked.
+pub struct ZygoteProcess {
+    pub pid: libc::pid_t,
+    /// The server's end of the record socket.
+    pub sock: OwnedFd,
+}
+
+/// Forks the zygote. Call before any thread exists (the first thing `main`
+/// does after reading the command line); the child never returns.
+pub fn fork_zygote(config: &ForkConfig) -> io::Result<ZygoteProcess> {
+    let (server_end, zygote_end) = socketpair(libc::SOCK_SEQPACKET)?;
+    // SAFETY: the caller guarantees this process has one thread.
+    let server_pid = unsafe { libc::getpid() };
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(server_end);
+        let code = zygote_main(zygote_end, config, server_pid);
+        // SAFETY: leave without running Rust or Python destructors of the
+        // server's state we inherited.
+        unsafe { libc::_exit(code) }
+    }
+    drop(zygote_end);
+    Ok(ZygoteProcess {
+        pid,
+        sock: server_end,
+    })
+}
+
+fn socketpair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut sv = [0 as RawFd; 2];
+    // SAFETY: socketpair fills two fds on success; we own them.
+    unsafe {
+        if libc::socketpair(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])))
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills two fds on success; we own them.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// Write end of the SIGCHLD self-pipe, for the signal handler.
+static SIGCHLD_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    let fd = SIGCHLD_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe already says "wake".
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
+}
+
+fn say(text: &str) {
+    // The zygote's stderr is the server's: its log.
+    eprintln!("pyproxy-server: fork zygote: {text}");
+}
+
+/// The zygote's whole life. Returns its exit code.
+fn zygote_main(sock: OwnedFd, config: &ForkConfig, server_pid: libc::pid_t) -> i32 {
+    // SAFETY: plain process set-up calls in a single-threaded child.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != server_pid {
+            return 1;
+        }
+        // Its own process group: a Ctrl-C in the server's terminal is the
+        // server's to handle, not something that kills workers mid-atom.
+        libc::setpgid(0, 0);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            // stdout carries the server's one "listening" line; nothing else.
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
+    }
+    if let Some(dir) = &config.workdir {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            say(&format!("cannot enter --workdir {}: {e}", dir.display()));
+            return 1;
+        }
+    }
+    let (chld_r, chld_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            say(&format!("pipe: {e}"));
+            return 1;
+        }
+    };
+    let _ = wire::set_nonblocking(&chld_r, true);
+    let _ = wire::set_nonblocking(&chld_w, true);
+    SIGCHLD_PIPE.store(chld_w.as_raw_fd(), Ordering::Relaxed);
+    // SAFETY: installing a handler that only calls write(2).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigchld as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
+    }
+    let serve = match init_python(config) {
+        Ok(f) => f,
+        Err(e) => {
+            say(&format!("cannot start Python: {e}"));
+            return 1;
+        }
+    };
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if wire::send_record(sock.as_raw_fd(), &Record::Ready { pid: me }, &[]).is_err() {
+        return 1;
+    }
+    let mut z = Zygote {
+        sock,
+        chld_r,
+        serve,
+        config,
+        live: HashMap::new(),
+        me,
+    };
+    z.run()
+}
+
+/// Initialises CPython with the GIL held for good (the zygote is one thread),
+/// loads the helper and the worker module, runs `prepare`. Returns `serve`.
+fn init_python(config: &ForkConfig) -> Result<PyRef, String> {
+    python::initialize(config.python_env.as_deref())
+        .map(|tstate| {
+            // SAFETY: the thread state initialize() saved on this very thread.
+            unsafe { ffi::PyEval_RestoreThread(tstate as *mut ffi::PyThreadState) };
+        })
+        .map_err(|e| e.to_string())?;
+    // SAFETY: the GIL is held from here on.
+    unsafe {
+        load_module("_pyproxy_engine", "<pyproxy-engine>", HELPER_SOURCE)?;
+        let worker = load_module(
+            "_pyproxy_fork_worker",
+            "<pyproxy-fork-worker>",
+            WORKER_SOURCE,
+        )?;
+        let prepare = attr(&worker, "prepare")?;
+        let list = PyRef::new(ffi::PyList_New(0)).ok_or_else(|| python::take_error())?;
+        for m in &config.preload {
+            let c = CString::new(m.as_str()).map_err(|_| "module name has NUL".to_owned())?;
+            let s = PyRef::new(ffi::PyUnicode_FromString(c.as_ptr()))
+                .ok_or_else(|| python::take_error())?;
+            ffi::PyList_Append(list.as_ptr(), s.as_ptr());
+        }
+        python::call(prepare.as_ptr(), vec![list])
+            .ok_or_else(|| format!("preparing workers failed: {}", python::take_error()))?;
+        attr(&worker, "serve")
+    }
+}
+
+unsafe fn attr(module: &PyRef, name: &str) -> Result<PyRef, String> {
+    let c = CString::new(name).expect("no NUL");
+    // SAFETY: GIL held (caller).
+    unsafe {
+        PyRef::new(ffi::PyObject_GetAttrString(module.as_ptr(), c.as_ptr()))
+            .ok_or_else(|| python::take_error())
+    }
+}
+
+/// Executes `source` as module `name`, registered in `sys.modules` first so
+/// later modules can import it.
+unsafe fn load_module(name: &str, file: &str, source: &str) -> Result<PyRef, String> {
+    let source = CString::new(source).expect("module source has no NUL");
+    let file = CString::new(file).expect("no NUL");
+    let cname = CString::new(name).expect("no NUL");
+    // SAFETY: GIL held (caller); plain C-API calls with owned references.
+    unsafe {
+        let code = PyRef::new(ffi::Py_CompileString(
+            source.as_ptr(),
+            file.as_ptr(),
+            ffi::Py_file_input,
+        ))
+        .ok_or_else(|| python::take_error())?;
+        let module =
+            PyRef::new(ffi::PyModule_New(cname.as_ptr())).ok_or_else(|| python::take_error())?;
+        let dict = ffi::PyModule_GetDict(module.as_ptr());
+        ffi::PyDict_SetItemString(dict, c"__builtins__".as_ptr(), ffi::PyEval_GetBuiltins());
+        ffi::PyDict_SetItemString(
+            ffi::PyImport_GetModuleDict(),
+            cname.as_ptr(),
+            module.as_ptr(),
+        );
+        PyRef::new(ffi::PyEval_EvalCode(code.as_ptr(), dict, dict))
+            .ok_or_else(|| format!("{name}: {}", python::take_error()))?;
+        Ok(module)
+    }
+}
+
+struct Zygote<'a> {
+    sock: OwnedFd,
+    chld_r: OwnedFd,
+    /// `_pyproxy_fork_worker.serve`, called in every worker.
+    serve: PyRef,
+    config: &'a ForkConfig,
+    /// Live children and, once terminated, when to SIGKILL them.
+    live: HashMap<libc::pid_t, Option<Instant>>,
+    me: libc::pid_t,
+}
+
+impl Zygote<'_> {
+    fn run(&mut self) -> i32 {
+        loop {
+            let now = Instant::now();
+            let next_kill = self.live.values().flatten().min().copied();
+            let timeout = next_kill.map_or(-1, |t| {
+                t.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1
+            });
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.sock.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.chld_r.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a live array of two pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                say(&format!("poll: {}", io::Error::last_os_error()));
+                return self.finish(1);
+            }
+            if fds[1].revents != 0 {
+                let mut buf = [0u8; 64];
+                // SAFETY: reading our own nonblocking pipe.
+                while unsafe { libc::read(self.chld_r.as_raw_fd(), buf.as_mut_ptr().cast(), 64) }
+                    > 0
+                {}
+            }
+            // Reap on every wake-up: cheap, and no SIGCHLD can be missed.
+            if !self.reap() {
+                return self.finish(1);
+            }
+            let now = Instant::now();
+            let due: Vec<_> = self
+                .live
+                .iter()
+                .filter(|(_, t)| t.is_some_and(|t| t <= now))
+                .map(|(p, _)| *p)
+                .collect();
+            for pid in due {
+                // SAFETY: a live, unreaped child of ours.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                self.live.insert(pid, None);
+            }
+            if fds[0].revents != 0 {
+                loop {
+                    match wire::recv_record(self.sock.as_raw_fd(), true) {
+                        Ok(Some((record, _))) => {
+                            if !self.handle(record) {
+                                return self.finish(1);
+                            }
+                        }
+                        Ok(None) => return self.finish(0),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            say(&format!("reading the server's socket: {e}"));
+                            return self.finish(1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps every exited child and reports it. False if the server is gone.
+    fn reap(&mut self) -> bool {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own children.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return true;
+            }
+            self.live.remove(&pid);
+            if wire::send_record(self.sock.as_raw_fd(), &Record::Exited { pid, status }, &[])
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+
+    fn handle(&mut self, record: Record) -> bool {
+        match record {
+            Record::Spawn { token } => {
+                let (reply, fds) = match self.spawn() {
+                    Ok((pid, fds)) => (Record::Spawned { token, pid }, Some(fds)),
+                    Err(e) => (
+                        Record::SpawnFailed {
+                            token,
+                            errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        },
+                        None,
+                    ),
+                };
+                let raw: Vec<RawFd> = fds.iter().flatten().map(AsRawFd::as_raw_fd).collect();
+                wire::send_record(self.sock.as_raw_fd(), &reply, &raw).is_ok()
+            }
+            Record::Signal { pid, signal } => {
+                if self.live.contains_key(&pid) {
+                    // SAFETY: a live, unreaped child of ours.
+                    unsafe { libc::kill(pid, signal) };
+                }
+                true
+            }
+            Record::Terminate { pid, grace_ms } => {
+                if self.live.contains_key(&pid) {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                    self.live
+                        .insert(pid, Some(Instant::now() + Duration::from_millis(grace_ms)));
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// Forks one worker. Returns its pid and the server's ends of its control
+    /// socket, stdout pipe and stderr pipe.
+    fn spawn(&mut self) -> io::Result<(libc::pid_t, [OwnedFd; 3])> {
+        let (ctl_server, ctl_worker) = socketpair(libc::SOCK_STREAM)?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        // SAFETY: the GIL is held (the zygote never releases it); this is the
+        // sequence CPython's os.fork uses (Modules/posixmodule.c).
+        let pid = unsafe {
+            ffi::PyOS_BeforeFork();
+            let pid = libc::fork();
+            if pid == 0 {
+                ffi::PyOS_AfterFork_Child();
+                let code = self.worker(&ctl_worker, &out_w, &err_w);
+                libc::_exit(code);
+            }
+            ffi::PyOS_AfterFork_Parent();
+            pid
+        };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.live.insert(pid, None);
+        Ok((pid, [ctl_server, out_r, err_r]))
+    }
+
+    /// In the new worker: fds, limits, user, then Python's `serve(3)`.
+    unsafe fn worker(&self, ctl: &OwnedFd, out: &OwnedFd, err: &OwnedFd) -> i32 {
+        // SAFETY: single-threaded child; plain syscalls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            if libc::dup2(out.as_raw_fd(), 1) < 0
+                || libc::dup2(err.as_raw_fd(), 2) < 0
+                || libc::dup2(ctl.as_raw_fd(), CTL_FD) < 0
+            {
+                return 126;
+            }
+            // The control socket is not for the atom's child processes.
+            libc::fcntl(CTL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+            libc::close_range(CTL_FD as u32 + 1, u32::MAX, 0);
+            if let Err(e) = self.limits_and_user() {
+                let text = format!("pyproxy worker set-up failed: {e}\n");
+                libc::write(2, text.as_ptr().cast(), text.len());
+                return 126;
+            }
+            // After the user change, which clears it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != self.me {
+                return 1;
+            }
+            let env = self.user_env().unwrap_or_else(|| python::none());
+            let fd = PyRef::new(ffi::PyLong_FromLong(CTL_FD as libc::c_long));
+            let ok = fd.and_then(|fd| python::call(self.serve.as_ptr(), vec![fd, env]));
+            if ok.is_none() {
+                let text = format!("pyproxy worker failed: {}\n", python::take_error());
+                libc::write(2, text.as_ptr().cast(), text.len());
+                return 1;
+            }
+            0
+        }
+    }
+
+    fn limits_and_user(&self) -> io::Result<()> {
+        let limits = &self.config.limits;
+        for (resource, value) in [
+            (libc::RLIMIT_AS, limits.memory),
+            (libc::RLIMIT_CPU, limits.cpu_seconds),
+            (libc::RLIMIT_NOFILE, limits.files),
+        ] {
+            if let Some(v) = value {
+                let lim = libc::rlimit {
+                    rlim_cur: v,
+                    rlim_max: v,
+                };
+                // SAFETY: setrlimit with a valid struct.
+                if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        if let Some(user) = &self.config.user {
+            let name = CString::new(user.name.as_bytes())
+                .map_err(|_| io::Error::other("user name has NUL"))?;
+            // SAFETY: plain credential syscalls, order: groups, gid, uid.
+            unsafe {
+                if libc::initgroups(name.as_ptr(), user.gid) != 0
+                    || libc::setgid(user.gid) != 0
+                    || libc::setuid(user.uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getuid() != user.uid || libc::geteuid() != user.uid {
+                    return Err(io::Error::other("the user change did not take"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The environment entries a worker of `--user` sets (`serve`'s `env`).
+    unsafe fn user_env(&self) -> Option<PyRef> {
+        let user = self.config.user.as_ref()?;
+        // SAFETY: GIL held (the zygote's, inherited by the worker).
+        unsafe {
+            let dict = PyRef::new(ffi::PyDict_New())?;
+            let put = |k: &CStr, v: &str| {
+                if let Ok(v) = CString::new(v) {
+                    if let Some(s) = PyRef::new(ffi::PyUnicode_FromString(v.as_ptr())) {
+                        ffi::PyDict_SetItemString(dict.as_ptr(), k.as_ptr(), s.as_ptr());
+                    }
+                }
+            };
+            put(c"USER", &user.name);
+            put(c"LOGNAME", &user.name);
+            if let Some(home) = &user.home {
+                put(c"HOME", &home.to_string_lossy());
+            }
+            Some(dict)
+        }
+    }
+
+    /// The server is gone or shutting down: end every worker, reap, return.
+    fn finish(&mut self, code: i32) -> i32 {
+        for pid in self.live.keys() {
+            // SAFETY: live children of ours.
+            unsafe { libc::kill(*pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + self.config.kill_grace;
+        while !self.live.is_empty() {
+            let mut status = 0;
+            // SAFETY: waitpid on our own children.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid > 0 {
+                self.live.remove(&pid);
+                continue;
+            }
+            if pid < 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for pid in self.live.keys() {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                }
+                while !self.live.is_empty() {
+                    // SAFETY: as above; blocking until each is gone.
+                    let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+                    if pid <= 0 {
+                        break;
+                    }
+                    self.live.remove(&pid);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        code
+    }
+}
+
+/// Keeps `OsStr` paths usable where C strings are needed.
+pub(crate) fn c_path(path: &std::path::Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other(format!("{} contains a NUL byte", path.display())))
+}
