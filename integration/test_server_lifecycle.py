@@ -43,10 +43,10 @@ def test_no_auth_on_a_non_loopback_address_is_refused():
     assert "listening" not in p.stdout
 
 
-def test_fork_backend_is_refused_clearly():
-    p = run_bin("--backend", "fork", "--listen", "127.0.0.1:0")
+def test_an_unknown_default_backend_is_refused_naming_both():
+    p = run_bin("--backend", "threads", "--listen", "127.0.0.1:0")
     assert p.returncode == 2
-    assert "not available yet" in p.stderr
+    assert "subinterp" in p.stderr and "fork" in p.stderr
 
 
 def test_no_auth_on_loopback_needs_no_proof(start_server):

@@ -1,0 +1,315 @@
+"""The fork backend against the real server: a worker process per session, fd-level
+output capture, crash isolation, limits, cancel and timeout by signal, sandbox
+directories, user switching, reaping, shutdown."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pyproxy
+from pyproxy import AtomCancelled, AtomTimeout, PyProxySession, WorkerDied
+
+
+def open_session(server, backend="fork", **kwargs) -> PyProxySession:
+    s = PyProxySession(server.address, token=server.token, backend=backend, **kwargs)
+    s.connect()
+    return s
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> state letter of every process below `pid`."""
+    children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        states[int(entry)] = rest[0]
+        children.setdefault(int(rest[1]), []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found[c] = states[c]
+            todo.append(c)
+    return found
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture
+def request_cleanup():
+    todo = []
+    yield todo
+    for f in todo:
+        f()
+
+
+@pytest.fixture
+def fork(server):
+    s = open_session(server)
+    yield s
+    s.close()
+
+
+def test_welcome_reports_the_sessions_backend_and_the_default_follows_the_flag(start_server):
+    srv = start_server(backend="fork")
+    with PyProxySession(srv.address, token=srv.token) as s:
+        assert s.backend == "fork"
+        assert s.eval("import os; os.getpid()").result(timeout=10) != srv.proc.pid
+    with PyProxySession(srv.address, token=srv.token, backend="subinterp") as s:
+        assert s.backend == "subinterp"
+        assert s.eval("import os; os.getpid()").result(timeout=10) == srv.proc.pid
+
+
+def test_an_unknown_backend_is_refused_naming_the_available_ones(server):
+    with pytest.raises(pyproxy.SessionRefused) as e:
+        open_session(server, backend="threads")
+    assert "`subinterp`" in str(e.value) and "`fork`" in str(e.value)
+
+
+def test_c_level_and_subprocess_output_is_captured_in_order_with_print(fork):
+    f = fork.eval(
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None)\n"
+        "print('1 print')\n"
+        "os.write(1, b'2 os.write\\n')\n"
+        "libc.printf(b'3 printf\\n'); libc.fflush(None)\n"
+        "libc.puts(b'4 puts'); libc.fflush(None)\n"
+        "os.system('echo 5 echo')\n"
+        "print('6 print')\n"
+        "os.write(2, b'err via fd 2\\n')\n"
+        "libc.printf(b'7 printf without fflush\\n')\n"
+        "'done'\n"
+    )
+    lines = list(fork.output(f, timeout=20))
+    assert f.result(timeout=10) == "done"
+    assert [l for fd, l in lines if fd == 1] == [
+        "1 print", "2 os.write", "3 printf", "4 puts", "5 echo", "6 print",
+        "7 printf without fflush",
+    ]
+    assert [l for fd, l in lines if fd == 2] == ["err via fd 2"]
+
+
+@pytest.mark.parametrize("backend", ["subinterp", "fork"])
+def test_value_exception_and_output_order_on_both_backends(server, backend):
+    with open_session(server, backend=backend) as s:
+        f = s.eval("for i in range(200): print(i)\n6 * 7")
+        assert [int(l) for _, l in s.output(f, timeout=20)] == list(range(200))
+        assert f.result(timeout=10) == 42
+        with pytest.raises(ZeroDivisionError):
+            s.eval("1 / 0").result(timeout=10)
+        assert s.eval(lambda: [1, 2, 3]).result(timeout=10) == [1, 2, 3]
+
+
+def test_a_segfault_and_an_os_exit_leave_ten_other_sessions_intact(server):
+    others = [open_session(server) for _ in range(10)]
+    crasher = open_session(server)
+    try:
+        futures = [
+            (i, s.eval(
+                f"import time\n"
+                f"for k in range(40):\n"
+                f"    print('s{i}', k)\n"
+                f"    time.sleep(0.01)\n"
+                f"{i} * 1000\n"
+            ))
+            for i, s in enumerate(others)
+        ]
+        pid_before = crasher.eval("import os; os.getpid()").result(timeout=10)
+        with pytest.raises(WorkerDied) as segv:
+            crasher.eval("import ctypes; ctypes.string_at(0)").result(timeout=20)
+        assert "signal 11 (SIGSEGV)" in str(segv.value)
+        assert f"worker pid {pid_before}" in str(segv.value)
+        f = crasher.eval("print('before exit'); import os; os._exit(3)")
+        with pytest.raises(WorkerDied) as exited:
+            f.result(timeout=20)
+        assert "exited with code 3" in str(exited.value)
+        assert list(crasher.output(f, timeout=10)) == [(1, "before exit")]
+        pid_after = crasher.eval("import os; os.getpid()").result(timeout=20)
+        assert pid_after not in (pid_before,)
+        for i, fut in futures:
+            assert fut.result(timeout=30) == i * 1000
+            s = others[i]
+            assert list(s.output(fut, timeout=10)) == [(1, f"s{i} {k}") for k in range(40)]
+    finally:
+        for s in others + [crasher]:
+            s.close()
+
+
+def test_a_memory_limit_hit_is_reported_clearly(start_server):
+    srv = start_server(worker_memory="200M")
+    with open_session(srv) as s:
+        with pytest.raises(Exception) as e:
+            s.eval("b = bytearray(1 << 30)").result(timeout=30)
+        text = str(e.value)
+        assert "MemoryError" in text and "--worker-memory" in text and "200 MiB" in text
+        assert s.eval("len(bytearray(1 << 20))").result(timeout=10) == 1 << 20
+
+
+def test_numpy_works_on_fork_and_names_fork_on_subinterp(server):
+    pytest.importorskip("numpy")
+    with open_session(server) as s:
+        assert s.eval("import numpy; int(numpy.arange(10).sum())").result(timeout=60) == 45
+    with open_session(server, backend="subinterp") as s:
+        with pytest.raises(ImportError) as e:
+            s.eval("import numpy").result(timeout=60)
+        assert "fork backend" in str(e.value)
+
+
+def test_timeout_and_cancel_interrupt_sleep_promptly_and_keep_the_worker(fork):
+    pid = fork.eval("import os; os.getpid()").result(timeout=10)
+    t = time.monotonic()
+    with pytest.raises(AtomTimeout):
+        fork.eval("import time; time.sleep(60)", timeout=0.5).result(timeout=20)
+    assert time.monotonic() - t < 5
+    f = fork.eval("import time; time.sleep(60)")
+    time.sleep(0.3)
+    t = time.monotonic()
+    assert f.cancel()
+    with pytest.raises(AtomCancelled):
+        f.result(timeout=20)
+    assert time.monotonic() - t < 5
+    # SIGINT became KeyboardInterrupt: the same worker goes on.
+    assert fork.eval("import os; os.getpid()").result(timeout=10) == pid
+
+
+def test_an_atom_that_ignores_sigint_is_killed_after_the_grace(start_server):
+    srv = start_server(kill_grace=0.5)
+    with open_session(srv) as s:
+        pid = s.eval("import os; os.getpid()").result(timeout=10)
+        t = time.monotonic()
+        with pytest.raises(AtomTimeout):
+            s.eval(
+                "import signal, time\n"
+                "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "time.sleep(60)\n",
+                timeout=0.5,
+            ).result(timeout=20)
+        assert time.monotonic() - t < 5
+        assert s.eval("import os; os.getpid()").result(timeout=10) != pid
+
+
+def test_sandbox_dir_is_the_cwd_and_is_removed_when_the_session_ends(start_server, tmp_path):
+    root = tmp_path / "sandboxes"
+    root.mkdir()
+    srv = start_server(sandbox_dir=root)
+    s = open_session(srv)
+    cwd = Path(s.eval("import os; open('note.txt', 'w').write('x'); os.getcwd()").result(timeout=10))
+    assert cwd.parent == root.resolve() and (cwd / "note.txt").exists()
+    other = open_session(srv)
+    assert other.eval("import os; os.getcwd()").result(timeout=10) != str(cwd)
+    other.close()
+    s.close()
+    assert wait_for(lambda: not any(root.iterdir()), timeout=10), list(root.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs the server to run as root")
+def test_user_runs_atoms_as_that_user_in_its_sandbox(start_server, request_cleanup):
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    # pytest's tmp_path is private to root; nobody must be able to reach its sandbox.
+    root = Path(tempfile.mkdtemp(prefix="pyproxy-sandboxes-", dir="/tmp"))
+    root.chmod(0o755)
+    request_cleanup.append(lambda: shutil.rmtree(root, ignore_errors=True))
+    srv = start_server(user="nobody", sandbox_dir=root)
+    with open_session(srv) as s:
+        uid, gid, wrote = s.eval(
+            "import os; open('f', 'w').write('x'); (os.getuid(), os.getgid(), os.stat('f').st_uid)"
+        ).result(timeout=10)
+        assert (uid, gid, wrote) == (nobody.pw_uid, nobody.pw_gid, nobody.pw_uid)
+        # Its child processes too. (Only what the zygote imported, or what the user
+        # can read, imports: here Python lives under /root, which nobody cannot read.)
+        f = s.eval("import os; os.system('id -u')")
+        assert list(s.output(f, timeout=10)) == [(1, str(nobody.pw_uid))]
+    # The sub-interpreter backend runs in the server process, as the server's user.
+    with open_session(srv, backend="subinterp") as s:
+        assert s.eval("import os; os.getuid()").result(timeout=10) == 0
+
+
+def test_user_without_root_or_unknown_user_is_refused(start_server):
+    from conftest import SERVER_BIN
+    import subprocess
+
+    p = subprocess.run(
+        [str(SERVER_BIN), "--listen", "127.0.0.1:0", "--user", "no-such-user-pyproxy"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert p.returncode == 2
+    assert ("no such user" in p.stderr) if os.geteuid() == 0 else ("root" in p.stderr)
+
+
+def test_workers_are_reaped_and_closed_sessions_end_their_workers(server):
+    sessions = [open_session(server) for _ in range(5)]
+    pids = [s.eval("import os; os.getpid()").result(timeout=10) for s in sessions]
+    with pytest.raises(WorkerDied):
+        sessions[0].eval("import os; os._exit(1)").result(timeout=10)
+    sessions[1].eval("import subprocess; subprocess.Popen(['sleep', '0.1']); None").result(timeout=10)
+    for s in sessions:
+        s.close()
+
+    def settled():
+        procs = descendants(server.proc.pid)
+        return all(p not in procs for p in pids) and "Z" not in procs.values()
+
+    assert wait_for(settled, timeout=10), descendants(server.proc.pid)
+    # Left: the zygote and its warm worker.
+    assert len(descendants(server.proc.pid)) <= 2
+
+
+def test_sigterm_with_fork_atoms_running_exits_0_leaving_no_process(start_server):
+    srv = start_server(shutdown_grace=0.5, kill_grace=0.5)
+    sessions = [open_session(srv) for _ in range(3)]
+    futures = [s.eval("import time; time.sleep(60)") for s in sessions]
+    time.sleep(0.5)
+    procs = descendants(srv.proc.pid)
+    assert len(procs) >= 4  # the zygote, a warm worker and three workers
+    t = time.monotonic()
+    assert srv.stop(signal.SIGTERM, timeout=15) == 0
+    assert time.monotonic() - t < 10
+    for f in futures:
+        with pytest.raises(pyproxy.PyProxyError):
+            f.result(timeout=10)
+    left = [pid for pid in procs if Path(f"/proc/{pid}").exists()]
+    assert not left, left
+    for s in sessions:
+        s.close()
+
+
+def test_many_atoms_many_sessions_in_parallel(server):
+    sessions = [open_session(server) for _ in range(8)]
+    try:
+        results: dict[int, list] = {}
+
+        def run(i, s):
+            results[i] = [s.eval(f"{i} + {k}").result(timeout=30) for k in range(50)]
+
+        threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == {i: [i + k for k in range(50)] for i in range(8)}
+    finally:
+        for s in sessions:
+            s.close()
