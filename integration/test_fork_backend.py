@@ -313,3 +313,19 @@ def test_many_atoms_many_sessions_in_parallel(server):
     finally:
         for s in sessions:
             s.close()
+
+
+def test_a_dead_zygote_fails_fork_sessions_clearly_and_spares_subinterp(start_server):
+    srv = start_server()
+    zygotes = [p for p in descendants(srv.proc.pid) if Path(f"/proc/{p}/stat").read_text().split()[3] == str(srv.proc.pid)]
+    assert len(zygotes) == 1
+    os.kill(zygotes[0], signal.SIGKILL)
+    assert wait_for(lambda: "zygote died" in srv.log_text(), timeout=10), srv.log_text()
+    with pytest.raises(pyproxy.SessionRefused) as e:
+        open_session(srv)
+    assert "zygote" in str(e.value) and "restart" in str(e.value)
+    with open_session(srv, backend="subinterp") as s:
+        assert s.eval("1 + 1").result(timeout=10) == 2
+    # Its workers died with it (PR_SET_PDEATHSIG): nothing is left below the server.
+    assert wait_for(lambda: not descendants(srv.proc.pid), timeout=10), descendants(srv.proc.pid)
+    assert srv.stop() == 0
