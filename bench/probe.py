@@ -19,7 +19,18 @@ sys.path.insert(0, str(HERE))
 
 import cloudpickle  # noqa: E402
 import wire  # noqa: E402
-from run import PyProxyServer, noop, pct  # noqa: E402
+from run import PyProxyServer, pct  # noqa: E402
+
+
+def noop():
+    # Defined here, not imported: cloudpickle sends __main__ functions by value,
+    # while run.noop would go by reference and fail to import on the server.
+    return 5
+
+
+def ok(f) -> bool:
+    """A RESULT whose outcome is a value (not an exception)."""
+    return f.kind == wire.RESULT and f.payload[8] == 0
 
 
 def print_lines(n):
@@ -113,6 +124,11 @@ def main() -> None:
     ap.add_argument("--perf", help="perf record the server during one phase into this file")
     ap.add_argument("--perf-phase", default="W2 source", help="which phase --perf records")
     a = ap.parse_args()
+    import datetime
+    import platform
+
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"probe.py {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, Python {platform.python_version()}, load average {load}")
     perf = (a.perf_phase, a.perf) if a.perf else None
     srv = PyProxyServer("--max-pipelined", str(a.atoms + 10), *a.server_flag)
     host, port = srv.address.rsplit(":", 1)
@@ -130,7 +146,7 @@ def main() -> None:
                 s.main.send(wire.eval_frame(i + 1 + (0 if kind == wire.SOURCE else 10**6), payload, kind=kind))
                 f = s.main.read()
                 times.append((time.perf_counter_ns() - t) / 1e3)
-                assert f.kind == wire.RESULT, f
+                assert ok(f), f
             print(f"W1 raw-socket {label}: p50 {statistics.median(times):.1f} µs, p99 {pct(times, 0.99):.1f} µs")
         # W2, server only: one session, every EVAL sent before any RESULT is read.
         frames = b"".join(wire.eval_frame(2 * 10**6 + i, "5") for i in range(a.atoms))
@@ -138,7 +154,7 @@ def main() -> None:
           t = time.perf_counter()
           s.main.send(frames)
           for _ in range(a.atoms):
-              assert s.main.read().kind == wire.RESULT
+              assert ok(s.main.read())
           dt = time.perf_counter() - t
         print(f"W2 raw-socket, 1 session, source '5' pipelined: {a.atoms / dt:,.0f} atoms/s")
         frames = b"".join(wire.eval_frame(3 * 10**6 + i, fn, kind=wire.FUNCTION) for i in range(a.atoms))
@@ -146,7 +162,7 @@ def main() -> None:
           t = time.perf_counter()
           s.main.send(frames)
           for _ in range(a.atoms):
-              assert s.main.read().kind == wire.RESULT
+              assert ok(s.main.read())
           dt = time.perf_counter() - t
         print(f"W2 raw-socket, 1 session, function pipelined: {a.atoms / dt:,.0f} atoms/s")
         t = time.perf_counter()
@@ -183,20 +199,45 @@ def main() -> None:
             f.wait()
             dt = time.perf_counter() - t
         print(f"W3 client: {got / dt:,.0f} lines/s")
-        # W5: where a session open goes.
+        # W5: where a session open goes (30 open/run/close cycles, 50 ms apart).
         import pyproxy
 
-        for _ in range(3):
-          with Phase(srv, "W5", 1, perf):
-            t0 = time.perf_counter()
-            s5 = pyproxy.PyProxySession(srv.address, token=srv.token).connect()
-            t1 = time.perf_counter()
-            s5.eval("5").wait()
-            t2 = time.perf_counter()
-            s5.close()
-            t3 = time.perf_counter()
-          print(f"W5: connect {1e3 * (t1 - t0):.2f} ms, first atom {1e3 * (t2 - t1):.2f} ms, close {1e3 * (t3 - t2):.2f} ms")
-          time.sleep(0.1)
+        conn_ms, first_ms, close_ms = [], [], []
+        with Phase(srv, "W5", 30, perf):
+            for _ in range(30):
+                time.sleep(0.05)
+                t0 = time.perf_counter()
+                s5 = pyproxy.PyProxySession(srv.address, token=srv.token).connect()
+                t1 = time.perf_counter()
+                s5.eval("5").wait()
+                t2 = time.perf_counter()
+                s5.close()
+                t3 = time.perf_counter()
+                conn_ms.append(1e3 * (t1 - t0))
+                first_ms.append(1e3 * (t2 - t1))
+                close_ms.append(1e3 * (t3 - t2))
+        print(
+            f"W5 medians: connect {statistics.median(conn_ms):.2f} ms, first atom {statistics.median(first_ms):.2f} ms, "
+            f"close {statistics.median(close_ms):.2f} ms (server CPU and switches above include the 50 ms pauses)"
+        )
+        # Server cost by atom kind, pipelined on one session (5,000 each, or --atoms).
+        kinds = [
+            ("source '5'", wire.SOURCE, b"5"),
+            ("code object '5'", wire.CODE, cloudpickle.dumps(compile("5", "<a>", "eval"), protocol=5)),
+            ("function by reference", wire.FUNCTION, cloudpickle.dumps(time.time, protocol=5)),
+            ("function by value (noop)", wire.FUNCTION, fn),
+        ]
+        for i, (label, kind, payload) in enumerate(kinds):
+            n = min(5000, a.atoms)
+            frames = b"".join(wire.eval_frame(10**7 * (i + 1) + j, payload, kind=kind) for j in range(n))
+            with Phase(srv, "kind " + label, n, perf):
+                t = time.perf_counter()
+                s.main.send(frames)
+                for _ in range(n):
+                    f = s.main.read()
+                    assert ok(f), f
+                dt = time.perf_counter() - t
+            print(f"atom kind {label}: {n / dt:,.0f} atoms/s pipelined")
     finally:
         wire.close_all()
         srv.stop()
