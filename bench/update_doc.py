@@ -1,5 +1,5 @@
-"""Pastes bench/results/latest.md and bench/results/probe.txt into docs/performance.md,
-between its `results` and `probe` markers, so the page's numbers are the last run's.
+"""Pastes bench/results/latest.md, probe.txt and perf-summary.txt into docs/performance.md,
+between its `results`, `probe` and `perf` markers, so the page's numbers are the last run's.
 
     bench/.venv/bin/python bench/update_doc.py
 """
@@ -27,6 +27,9 @@ def main() -> None:
     probe = RESULTS / "probe.txt"
     if probe.exists():
         doc = paste(doc, "probe", "Output of `bench/probe.py` from the same session:\n\n```text\n" + probe.read_text().strip() + "\n```")
+    perf = RESULTS / "perf-summary.txt"
+    if perf.exists():
+        doc = paste(doc, "perf", "```text\n" + perf.read_text().strip() + "\n```")
     DOC.write_text(doc)
 
 
