@@ -85,7 +85,7 @@ lint: $(VENV_STAMP)
 	cargo clippy --workspace --all-targets -- -D warnings
 
 test-rust: $(VENV_STAMP)
-	cargo test --workspace
+	ENGINE_TEST_VENV=$(abspath $(VENV)) cargo test --workspace
 
 test-python: build
 	PYPROXY_SERVER=$(abspath $(SERVER)) PYPROXY_PYTHON_ENV=$(abspath $(VENV)) \
