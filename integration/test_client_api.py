@@ -177,6 +177,20 @@ def test_timeout_interrupts_the_atom(session):
     assert session.eval("2").wait(10) == 2, "the session survives a timeout"
 
 
+def test_timeout_and_cancel_cut_a_sleep_short(session):
+    # Regression: on the sub-interpreter backend time.sleep ran to its end before the
+    # interrupt landed, holding an executor thread for its whole length.
+    started = time.monotonic()
+    err = session.eval("import time\ntime.sleep(60)", timeout=0.3).exception(20)
+    assert isinstance(err, AtomTimeout)
+    running = session.eval("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    assert next(iter(session.output(running, timeout=10))) == (1, "sleeping")
+    assert running.cancel() is True
+    assert isinstance(running.exception(20), AtomCancelled)
+    assert time.monotonic() - started < 10
+    assert session.eval("import time\ntime.sleep(0.2)\n'slept'").wait(10) == "slept"
+
+
 def test_wait_with_timeout_raises_and_leaves_the_atom_running(session):
     f = session.eval("import time\ntime.sleep(0.6)\n'late'")
     with pytest.raises(TimeoutError):

@@ -4,7 +4,7 @@ The Rust engine compiles this source into a fresh module object in every
 sub-interpreter it creates (one copy per interpreter: no object is ever shared
 between interpreters) and calls, with that interpreter's GIL held:
 
-* ``setup(out_fd, err_fd, workdir, preload)`` once, right after creation;
+* ``setup(out_fd, err_fd, workdir, preload, environ, wake_fd)`` once, right after creation;
 * ``run(kind, payload, globals, locals)`` for every atom;
 * ``reset()`` when a session ends, so that the next session finds the
   interpreter as it was when it was warmed up.
@@ -118,15 +118,17 @@ class _RefuseSinglePhase:
         return None
 
 
-def setup(out_fd, err_fd, workdir, preload, environ):
-    """Points the standard streams at the engine's pipes, imports the preload
-    modules and takes the snapshot that reset() restores. `environ` is the
-    process environment when the engine started: the environment is
-    process-wide, so an interpreter warmed up while a session had changed it
-    must not take that change for its baseline."""
+def setup(out_fd, err_fd, workdir, preload, environ, wake_fd):
+    """Points the standard streams at the engine's pipes, makes time.sleep
+    interruptible through the wake pipe, imports the preload modules and takes
+    the snapshot that reset() restores. `environ` is the process environment
+    when the engine started: the environment is process-wide, so an
+    interpreter warmed up while a session had changed it must not take that
+    change for its baseline."""
     global _out_fd, _err_fd, _workdir
     _out_fd, _err_fd, _workdir = out_fd, err_fd, workdir
     _open_streams()
+    _install_interruptible_sleep(wake_fd)
     _restore_environ(environ)
     if _sys.version_info[:2] == (3, 12):
         _sys.meta_path.insert(0, _RefuseSinglePhase)
@@ -135,6 +137,44 @@ def setup(out_fd, err_fd, workdir, preload, environ):
     _atexit.register = _tracking_register
     _gc.collect()
     _take_snapshot(environ)
+
+
+def _install_interruptible_sleep(wake_fd):
+    """Replaces time.sleep with one that a cancel, timeout or shutdown cuts short.
+
+    The engine interrupts an atom by setting KeyboardInterrupt as its thread's
+    asynchronous exception, which Python raises at its next bytecode; a thread
+    inside C's sleep never gets there until the sleep ends, and in a
+    sub-interpreter no signal can cut it short either. This sleep waits on the
+    interpreter's wake pipe instead, which the engine writes to right after
+    setting the exception: select returns, the loop's next iteration raises.
+    A wake-up meant for another thread of the interpreter only costs a loop."""
+    import select
+    import time
+
+    real_sleep = time.sleep
+    monotonic = time.monotonic
+    wait = select.select
+    read = _os.read
+    fds = (wake_fd,)
+
+    def sleep(secs, /):
+        if type(secs) not in (int, float) or not 0 <= secs < float("inf"):
+            return real_sleep(secs)  # its own TypeError, ValueError or OverflowError
+        deadline = monotonic() + secs
+        while True:
+            left = deadline - monotonic()
+            if left <= 0:
+                return None
+            if wait(fds, (), (), min(left, 3600.0))[0]:
+                try:
+                    read(wake_fd, 512)
+                except BlockingIOError:
+                    pass
+
+    sleep.__doc__ = real_sleep.__doc__
+    sleep.__module__ = "time"
+    time.sleep = sleep
 
 
 def setup_process(preload):

@@ -61,6 +61,12 @@ pub(crate) struct Interp {
     /// Write ends, used by the interpreter's `sys.stdout`/`sys.stderr`.
     _out_w: OwnedFd,
     _err_w: OwnedFd,
+    /// The wake pipe (both ends non-blocking): the interpreter's `time.sleep`
+    /// waits on the read end, and `interrupt` writes a byte right after setting
+    /// the KeyboardInterrupt, so a sleeping atom stops at once, not when its
+    /// sleep would have ended.
+    wake_r: OwnedFd,
+    wake_w: OwnedFd,
     /// The atom running now (0: none). Written only under this interpreter's GIL.
     running_atom: AtomicU64,
     /// Thread id of the executor running `running_atom`.
@@ -88,12 +94,16 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
     }
     // SAFETY: both fds are fresh and ours.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let flags = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
+    set_nonblocking(r.as_raw_fd());
     Ok((r, w))
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on an fd the caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
 }
 
 /// Reads and discards whatever is in a non-blocking pipe (output nobody owns:
@@ -123,6 +133,8 @@ impl Interp {
     ) -> Result<Interp, EngineError> {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
+        let (wake_r, wake_w) = pipe()?;
+        set_nonblocking(wake_w.as_raw_fd());
         let config = ffi::PyInterpreterConfig {
             use_main_obmalloc: 0,
             allow_fork: 0,
@@ -167,6 +179,8 @@ impl Interp {
             gate: Mutex::new(()),
             _out_w: out_w,
             _err_w: err_w,
+            wake_r,
+            wake_w,
         };
         // SAFETY: the GIL of the new interpreter is held by this thread.
         let warmed = unsafe { interp.warm_up(workdir, preload, environ) };
@@ -257,6 +271,8 @@ impl Interp {
                 wd,
                 list,
                 env,
+                PyRef::new(ffi::PyLong_FromLong(self.wake_r.as_raw_fd() as _))
+                    .ok_or_else(|| python::take_error())?,
             ];
             python::call(setup.as_ptr(), args)
                 .map(drop)
@@ -281,6 +297,8 @@ impl Interp {
     }
 
     fn discard_output(&self) -> usize {
+        // Stale wake-ups too: a new session's first sleep should not loop once for nothing.
+        discard(self.wake_r.as_raw_fd());
         discard(self.out_r.as_raw_fd()) + discard(self.err_r.as_raw_fd())
     }
 
@@ -386,6 +404,9 @@ impl Interp {
             if hit {
                 let thread = self.running_thread.load(Ordering::Acquire);
                 ffi::PyThreadState_SetAsyncExc(thread as _, ffi::PyExc_KeyboardInterrupt);
+                // After the exception is set, so a sleep that wakes finds it pending.
+                // A full pipe already holds a wake-up; nothing is lost by EAGAIN.
+                libc::write(self.wake_w.as_raw_fd(), [1u8].as_ptr().cast(), 1);
             }
             ffi::PyThreadState_Clear(ts);
             ffi::PyThreadState_DeleteCurrent();

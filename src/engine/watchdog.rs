@@ -7,11 +7,12 @@
 //! they hand the interrupt to this thread.
 //!
 //! An atom that catches KeyboardInterrupt and carries on is interrupted again
-//! every [`REPEAT`] until it returns. An atom blocked in a C call (for example
-//! `time.sleep(60)` or a socket read) sees the interrupt only when the call
-//! returns: asynchronous exceptions are checked between bytecodes, and
-//! sub-interpreters do not run signal handlers, so there is no way to wake the
-//! call itself.
+//! every [`REPEAT`] until it returns. Asynchronous exceptions are checked
+//! between bytecodes and sub-interpreters run no signal handlers, so a C call
+//! cannot be woken in general: `time.sleep` is replaced in every interpreter by
+//! one that waits on the interpreter's wake pipe, which the interrupt writes to
+//! (see `Interp::interrupt`), but an atom blocked in any other C call (a socket
+//! read, `select`) sees the interrupt only when the call returns.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
