@@ -34,13 +34,14 @@ find_python = $(shell \
 # Server and client venv use the same Python: the server links the venv's libpython.
 export PYO3_PYTHON = $(abspath $(VPY))
 
-.PHONY: help venv build server client demo test test-rust test-python test-py312 print-python lint fmt fuzz clean
+.PHONY: help venv build server client demo test test-rust test-python test-py312 print-python lint fmt fuzz bench clean
 
 help:
 	@echo "make demo   - build, start pyproxy-server on 127.0.0.1:$(DEMO_PORT), run the concept example, stop"
 	@echo "make test   - build, lint and run every test (Rust and Python integration)"
 	@echo "make build  - build target/release/pyproxy-server and install the client into .venv"
 	@echo "make fuzz   - fuzz the frame decoder and the handshake, FUZZ_SECONDS each (default 300)"
+	@echo "make bench  - PyProxy against its peers on this machine (bench/results/latest.md)"
 	@echo "make clean  - remove build outputs and the venvs"
 
 $(VPY):
@@ -117,6 +118,11 @@ fuzz: $(VENV_STAMP)
 	  RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir integration/fuzz -O $$t \
 	    target/fuzz-corpus/$$t integration/fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS); \
 	done
+
+# PyProxy against ProcessPoolExecutor, RPyC, execnet, Jupyter, Dask and Pyro5, side by
+# side in one run; bench/run.sh sets up its own venv (bench/.venv) with the peers.
+bench: build
+	BENCH_NO_BUILD=1 bench/run.sh $(BENCH_ARGS)
 
 clean:
 	cargo clean
