@@ -46,7 +46,9 @@ PINGPONG = ROOT / "target" / "release" / "pingpong"
 SERVER = ROOT / "target" / "release" / "pyproxy-server"
 SERVER_ENV = ROOT / ".venv"
 
-PEERS = ["pyproxy", "floor", "processpool", "rpyc", "execnet", "jupyter", "dask", "pyro5"]
+PEERS = ["pyproxy", "pyproxy_fork", "floor", "processpool", "rpyc", "execnet", "jupyter", "dask", "pyro5"]
+# PyProxy itself, on either backend: not peers, so never in a peer comparison.
+OURS = ("pyproxy", "pyproxy_fork", "floor")
 WORKLOADS = ["w1", "w2", "w3", "w4", "w5", "w6", "w7"]
 LINE_PAD = "x" * 46  # "line 00000000 " + 46 = 60 characters, 61 bytes with "\n"
 MIB = 1 << 20
@@ -245,20 +247,20 @@ class PyProxyServer:
         self.proc, m = start_listening(args + list(extra), r"pyproxy-server listening on (\S+):(\d+)", env, stderr=stderr)
         self.address = f"{m.group(1)}:{m.group(2)}"
 
-    def session(self):
+    def session(self, backend: str | None = None):
         from pyproxy import PyProxySession
 
-        return PyProxySession(self.address, token=self.token).connect()
+        return PyProxySession(self.address, token=self.token, backend=backend).connect()
 
     def stop(self):
         stop(self.proc)
 
 
-def run_pyproxy(cfg, out: dict) -> dict:
+def run_pyproxy(cfg, out: dict, backend: str = "subinterp") -> dict:
     raise_nofile()
     srv = PyProxyServer("--max-pipelined", str(cfg.w2_atoms + 10))
     try:
-        s1, s2 = srv.session(), srv.session()
+        s1, s2 = srv.session(backend), srv.session(backend)
         if "w1" in cfg.workloads:
             out["w1"] = w1_result(timed_loop(lambda: s1.eval(noop).wait(), cfg.w1_iters, cfg.w1_seconds, 200))
             src = timed_loop(lambda: s1.eval("5").wait(), cfg.w1_iters, cfg.w1_seconds, 200)
@@ -312,14 +314,16 @@ def run_pyproxy(cfg, out: dict) -> dict:
             for _ in range(cfg.w5_iters):
                 time.sleep(cfg.w5_pause)
                 t = time.perf_counter()
-                s = srv.session()
+                s = srv.session(backend)
                 assert s.eval(noop).wait() == 5
                 times.append((time.perf_counter() - t) * 1e3)
                 s.close()
             out["w5"] = {"ms": statistics.median(times), "n": len(times)}
     finally:
         srv.stop()
-    if "w7" in cfg.workloads:
+    if "w7" in cfg.workloads and backend == "fork":
+        out["w7"] = {"na": "a fork session is a whole worker process; W7 is measured on the sub-interpreter backend"}
+    elif "w7" in cfg.workloads:
         try:
             out["w7"] = pyproxy_w7(cfg)
         except Exception as e:  # noqa: BLE001 - reported in the table
@@ -957,6 +961,7 @@ def run_pyro5(cfg, out: dict) -> dict:
 
 RUNNERS = {
     "pyproxy": run_pyproxy,
+    "pyproxy_fork": lambda cfg, out: run_pyproxy(cfg, out, backend="fork"),
     "floor": run_floor,
     "processpool": run_processpool,
     "rpyc": run_rpyc,
@@ -971,6 +976,7 @@ RUNNERS = {
 LABELS = {
     "floor": "floor",
     "pyproxy": "PyProxy",
+    "pyproxy_fork": "PyProxy fork",
     "processpool": "ProcessPool",
     "rpyc": "RPyC",
     "execnet": "execnet",
@@ -1017,14 +1023,14 @@ def targets(res: dict) -> list[tuple[str, str, bool | None]]:
         r = pp("w1", "p50_us") / floor_rtt
         out.append(("W1 p50 ≤ 2× raw Rust ping-pong", f"{r:.1f}× ({fmt(pp('w1', 'p50_us'))} vs {fmt(floor_rtt)} µs)", r <= 2))
     if pp("w2", "atoms_s"):
-        peers = [get(p, "w2", "atoms_s") for p in PEERS if p not in ("pyproxy", "floor")]
+        peers = [get(p, "w2", "atoms_s") for p in PEERS if p not in OURS]
         best = max([x for x in peers if x] or [0])
         v = pp("w2", "atoms_s")
         out.append(("W2 ≥ 50,000 atoms/s and ≥ 1.5× best peer", f"{fmt(v)}/s, {v / best:.2f}× best peer ({fmt(best)})" if best else fmt(v), v >= 50_000 and (not best or v >= 1.5 * best)))
     if pp("w3", "lines_s"):
         v = pp("w3", "lines_s")
         fl = get("floor", "w3", "lines_s")
-        peers = [get(p, "w3", "lines_s") for p in PEERS if p not in ("pyproxy", "floor")]
+        peers = [get(p, "w3", "lines_s") for p in PEERS if p not in OURS]
         best = max([x for x in peers if x] or [0])
         ok = (not fl or v >= 0.5 * fl) and (not best or v >= 10 * best)
         out.append(("W3 ≥ 0.5× local floor and ≥ 10× best peer", f"{v / fl:.2f}× floor, {v / best:.1f}× best peer" if fl and best else fmt(v), ok))
@@ -1046,14 +1052,14 @@ def targets(res: dict) -> list[tuple[str, str, bool | None]]:
         v = pp(w, f)
         if v is None:
             continue
-        worse = [LABELS[p] for p in PEERS if p not in ("pyproxy", "floor") and get(p, w, f) is not None and (get(p, w, f) > v if higher else get(p, w, f) < v)]
+        worse = [LABELS[p] for p in PEERS if p not in OURS and get(p, w, f) is not None and (get(p, w, f) > v if higher else get(p, w, f) < v)]
         if worse:
             out.append((f"{row}: ahead of every peer", "behind " + ", ".join(worse), False))
     return out
 
 
 def render(res: dict, meta: dict) -> str:
-    cols = [p for p in ["floor", "pyproxy", "processpool", "rpyc", "execnet", "jupyter", "dask", "pyro5"] if p in res]
+    cols = [p for p in ["floor", "pyproxy", "pyproxy_fork", "processpool", "rpyc", "execnet", "jupyter", "dask", "pyro5"] if p in res]
     notes: list[str] = []
     note_ids: dict[str, int] = {}
 
@@ -1084,7 +1090,7 @@ def render(res: dict, meta: dict) -> str:
             cell = fmt(v)
             if c == "floor":
                 cell = cell if w in ("w1", "w3", "w4") else "—"
-            elif c != "pyproxy" and pv:
+            elif c not in OURS and pv:
                 ratio = (pv / v) if higher else (v / pv)
                 cell += f" ({ratio:.2f}×)"
             if c == "pyproxy" and w == "w1":
