@@ -147,6 +147,26 @@ impl<'a> PayloadReader<'a> {
         self.take(n, field)
     }
 
+    /// Where a `bytes` field lies in the payload, for callers that take it
+    /// out of an owned payload instead of copying it.
+    pub fn bytes_range(&mut self, field: &'static str) -> Result<std::ops::Range<usize>> {
+        let n = self.u32(field)? as usize;
+        let start = self.pos;
+        self.take(n, field)?;
+        Ok(start..self.pos)
+    }
+
+    pub fn opt_bytes_range(
+        &mut self,
+        field: &'static str,
+    ) -> Result<Option<std::ops::Range<usize>>> {
+        if self.presence(field)? {
+            self.bytes_range(field).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     pub fn str(&mut self, field: &'static str) -> Result<&'a str> {
         std::str::from_utf8(self.bytes(field)?).map_err(|_| Error::InvalidUtf8 { field })
     }

@@ -330,7 +330,12 @@ impl Message {
                 w.u64(c.target);
             }
             Message::Close | Message::EndOfOutput => {}
-            Message::Result(r) => encode_result(&mut w, r),
+            Message::Result(r) => {
+                if let Outcome::Value { pickled } = &r.outcome {
+                    w = PayloadWriter::with_capacity(pickled.len() + 16);
+                }
+                encode_result(&mut w, r)
+            }
             Message::Error(e) => {
                 w.u16(e.code as u16).str(&e.message);
             }
@@ -359,6 +364,37 @@ impl Message {
         w.finish()
     }
 
+    /// Like [`Message::to_frame`], but a RESULT's value or an EVAL's payload
+    /// becomes the frame's payload in place (its few header bytes are
+    /// shifted in front) instead of being copied into a new buffer.
+    pub fn into_frame(self, request_id: u64) -> Frame {
+        let kind = self.kind();
+        let (prefix, mut big) = match self {
+            Message::Result(AtomResult {
+                duration_us,
+                outcome: Outcome::Value { pickled },
+            }) => {
+                let mut w = PayloadWriter::with_capacity(13);
+                w.u64(duration_us)
+                    .u8(OUTCOME_VALUE)
+                    .u32(pickled.len() as u32);
+                (w.finish(), pickled)
+            }
+            Message::Eval(e) => {
+                let mut w = PayloadWriter::with_capacity(64);
+                w.u8(e.kind as u8)
+                    .opt_u64(e.timeout_ms)
+                    .opt_bytes(e.globals.as_deref())
+                    .opt_bytes(e.locals.as_deref())
+                    .u32(e.payload.len() as u32);
+                (w.finish(), e.payload)
+            }
+            other => return other.to_frame(request_id),
+        };
+        big.splice(0..0, prefix);
+        Frame::new(kind, request_id, big)
+    }
+
     pub fn to_frame(&self, request_id: u64) -> Frame {
         Frame::new(self.kind(), request_id, self.encode_payload())
     }
@@ -366,6 +402,19 @@ impl Message {
     /// Decodes a frame's payload according to its kind. Never panics.
     pub fn decode(frame: &Frame) -> Result<Message> {
         Message::decode_parts(frame.kind, &frame.payload)
+    }
+
+    /// Decodes an owned payload, moving the largest byte field (an EVAL's
+    /// payload, globals or locals; a RESULT's value) out of `payload` in place
+    /// instead of copying it into a fresh allocation: for a 64 MiB argument
+    /// that is one `memmove` within pages already touched rather than a copy
+    /// into 16,384 new ones. Same result and errors as [`Message::decode_parts`].
+    pub fn decode_owned(kind: Kind, payload: Vec<u8>) -> Result<Message> {
+        match kind {
+            Kind::Eval => decode_eval_owned(payload),
+            Kind::Result => decode_result_owned(payload),
+            _ => Message::decode_parts(kind, &payload),
+        }
     }
 
     pub fn decode_parts(kind: Kind, payload: &[u8]) -> Result<Message> {
@@ -462,6 +511,114 @@ impl Message {
         r.finish(kind.name())?;
         Ok(msg)
     }
+}
+
+/// Writes an EVAL frame from borrowed parts with vectored writes, so a large
+/// payload, globals or locals goes from the caller's buffer to the socket
+/// without being copied into a frame first. Same bytes as
+/// `Message::Eval(..).to_frame(request_id)`.
+pub fn write_eval<W: std::io::Write>(
+    w: &mut W,
+    request_id: u64,
+    kind: AtomKind,
+    timeout_ms: Option<u64>,
+    globals: Option<&[u8]>,
+    locals: Option<&[u8]>,
+    payload: &[u8],
+) -> Result<()> {
+    let mut head = PayloadWriter::with_capacity(16);
+    head.u8(kind as u8).opt_u64(timeout_ms);
+    let head = head.finish();
+    let prefix = |v: Option<&[u8]>| {
+        let mut p = PayloadWriter::with_capacity(5);
+        match v {
+            None => p.u8(0),
+            Some(b) => p.u8(1).u32(b.len() as u32),
+        };
+        p.finish()
+    };
+    let (gp, lp) = (prefix(globals), prefix(locals));
+    let pp = (payload.len() as u32).to_be_bytes();
+    super::frame::write_frame_slices(
+        w,
+        Kind::Eval,
+        request_id,
+        &[
+            &head,
+            &gp,
+            globals.unwrap_or_default(),
+            &lp,
+            locals.unwrap_or_default(),
+            &pp,
+            payload,
+        ],
+    )
+}
+
+/// The bytes of `range` as their own Vec, reusing `payload`'s allocation.
+fn take_range(mut payload: Vec<u8>, range: std::ops::Range<usize>) -> Vec<u8> {
+    payload.truncate(range.end);
+    payload.drain(..range.start);
+    payload
+}
+
+fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
+    let mut r = PayloadReader::new(&payload);
+    let kind = AtomKind::from_wire(r.u8("atom_kind")?)?;
+    let timeout_ms = r.opt_u64("timeout_ms")?;
+    let globals = r.opt_bytes_range("globals")?;
+    let locals = r.opt_bytes_range("locals")?;
+    let body = r.bytes_range("payload")?;
+    r.finish(Kind::Eval.name())?;
+    // Only the largest field keeps the frame's allocation; the others are copied.
+    let len = |x: &Option<std::ops::Range<usize>>| x.as_ref().map_or(0, |r| r.len());
+    let (gl, ll, pl) = (len(&globals), len(&locals), body.len());
+    let copy = |x: &Option<std::ops::Range<usize>>| x.clone().map(|r| payload[r].to_vec());
+    let eval = if pl >= gl && pl >= ll {
+        let (globals, locals) = (copy(&globals), copy(&locals));
+        Eval {
+            kind,
+            timeout_ms,
+            globals,
+            locals,
+            payload: take_range(payload, body),
+        }
+    } else if gl >= ll {
+        let (locals, body) = (copy(&locals), payload[body].to_vec());
+        Eval {
+            kind,
+            timeout_ms,
+            globals: globals.map(|g| take_range(payload, g)),
+            locals,
+            payload: body,
+        }
+    } else {
+        let (globals, body) = (copy(&globals), payload[body].to_vec());
+        Eval {
+            kind,
+            timeout_ms,
+            globals,
+            locals: locals.map(|l| take_range(payload, l)),
+            payload: body,
+        }
+    };
+    Ok(Message::Eval(eval))
+}
+
+fn decode_result_owned(payload: Vec<u8>) -> Result<Message> {
+    let mut r = PayloadReader::new(&payload);
+    let duration_us = r.u64("duration_us")?;
+    if r.u8("outcome")? != OUTCOME_VALUE {
+        return Message::decode_parts(Kind::Result, &payload);
+    }
+    let value = r.bytes_range("value")?;
+    r.finish(Kind::Result.name())?;
+    Ok(Message::Result(AtomResult {
+        duration_us,
+        outcome: Outcome::Value {
+            pickled: take_range(payload, value),
+        },
+    }))
 }
 
 const OUTCOME_VALUE: u8 = 0;
@@ -689,6 +846,54 @@ mod tests {
         fn random_payloads_never_panic(kind in proptest::sample::select(Kind::ALL.to_vec()), payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Message::decode_parts(kind, &payload);
         }
+
+        #[test]
+        fn owned_decode_matches_borrowed_decode(msg in message(), cut in any::<prop::sample::Index>(), extra in proptest::collection::vec(any::<u8>(), 0..4)) {
+            let payload = msg.encode_payload();
+            prop_assert_eq!(Message::decode_owned(msg.kind(), payload.clone()).unwrap(), msg.clone());
+            // Truncated or padded payloads fail (or succeed) exactly as the borrowed decode does.
+            let mut bad = payload[..cut.index(payload.len() + 1)].to_vec();
+            bad.extend_from_slice(&extra);
+            prop_assert_eq!(
+                Message::decode_owned(msg.kind(), bad.clone()).ok(),
+                Message::decode_parts(msg.kind(), &bad).ok()
+            );
+        }
+
+        #[test]
+        fn write_eval_matches_to_frame(g in proptest::option::of(blob()), l in proptest::option::of(blob()), p in blob(), t in proptest::option::of(any::<u64>()), id in any::<u64>()) {
+            let mut out = Vec::new();
+            write_eval(&mut out, id, AtomKind::Function, t, g.as_deref(), l.as_deref(), &p).unwrap();
+            let msg = Message::Eval(Eval { kind: AtomKind::Function, payload: p, globals: g, locals: l, timeout_ms: t });
+            prop_assert_eq!(out, msg.to_frame(id).to_bytes());
+        }
+
+        #[test]
+        fn into_frame_matches_to_frame(msg in message(), id in any::<u64>()) {
+            prop_assert_eq!(msg.clone().into_frame(id), msg.to_frame(id));
+        }
+
+        #[test]
+        fn owned_decode_takes_whichever_eval_field_is_largest(
+            g in proptest::option::of(blob()), l in proptest::option::of(blob()), p in blob(), t in proptest::option::of(any::<u64>())
+        ) {
+            let msg = Message::Eval(Eval { kind: AtomKind::Code, payload: p, globals: g, locals: l, timeout_ms: t });
+            prop_assert_eq!(Message::decode_owned(Kind::Eval, msg.encode_payload()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn owned_decode_of_a_large_result_keeps_the_bytes() {
+        let value: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let msg = Message::Result(AtomResult {
+            duration_us: 9,
+            outcome: Outcome::Value { pickled: value },
+        });
+        let frame = msg.to_frame(4);
+        let mut reader = FrameReader::new(Cursor::new(frame.to_bytes()), DEFAULT_MAX_FRAME);
+        reader.set_max_frame(DEFAULT_MAX_FRAME);
+        let back = reader.read_frame().unwrap();
+        assert_eq!(Message::decode_owned(back.kind, back.payload).unwrap(), msg);
     }
 
     #[test]

@@ -606,7 +606,7 @@ impl SessionSink for Sink {
     }
 
     fn result(&self, atom: u64, result: AtomResult) {
-        let mut frame = Message::Result(result).to_frame(atom);
+        let mut frame = Message::Result(result).into_frame(atom);
         let limit = self.0.max_frame as usize;
         if frame.payload.len() + protocol::frame::HEADER_BODY_SIZE > limit {
             warn!(self.0.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload.len());
@@ -783,7 +783,7 @@ pub fn run_main(
 /// The owner's loop: one frame at a time until the session ends.
 fn read_requests(session: &Session, reader: &mut Reader) {
     loop {
-        let frame = match reader.read_frame() {
+        let mut frame = match reader.read_frame() {
             Ok(f) => f,
             Err(e) if e.is_disconnect() => return session.end(EndReason::MainStreamClosed),
             Err(protocol::Error::Io(e)) => {
@@ -794,7 +794,8 @@ fn read_requests(session: &Session, reader: &mut Reader) {
         if session.is_ended() {
             return;
         }
-        let msg = match Message::decode(&frame) {
+        // Owned decode: a large EVAL field keeps the frame's buffer (no copy).
+        let msg = match Message::decode_owned(frame.kind, std::mem::take(&mut frame.payload)) {
             Ok(m) => m,
             Err(e) => {
                 return protocol_error(
