@@ -2,28 +2,33 @@
 //!
 //! Each executor thread has a companion *pump* thread. While the executor runs
 //! an atom, the pump `poll(2)`s that interpreter's stdout and stderr pipes,
-//! splits what it reads into lines and hands them to the sink in batches. The
-//! pump, not the executor, calls `sink.output`, so a client that reads slowly
-//! stalls only the atom whose output it is (the pipe fills and the atom's
-//! `print` blocks), never other sessions.
+//! splits what it reads into lines and hands them to the sink in batches, so a
+//! long atom's output streams while it runs and a client that reads slowly
+//! stalls the atom whose output it is (the pipe fills and its `print` blocks).
 //!
-//! When the atom returns, the executor (having flushed `sys.stdout`/`stderr`)
-//! asks the pump to *finish*: the pump reads both pipes until they are empty,
-//! delivers the rest including a final partial line, and only then answers. The
-//! executor sends `end_of_output` after that, and starts the session's next atom
-//! only after the result, so no byte can be attributed to the wrong atom —
-//! except bytes written by threads the atom started and left running: those
-//! written before the drain belong to this atom, later ones to the session's
-//! next atom (they wait in the pipe until then).
+//! The executor does not wait for its pump at either end of an atom. At the
+//! start it only puts the atom in the slot they share; the pump, which wakes at
+//! least every millisecond while atoms come and go, picks it up from there (and
+//! is woken explicitly only after sleeping through 50 ms without atoms). When
+//! the atom returns (having flushed `sys.stdout`/`stderr`), everything it
+//! wrote is already in the pipes, which are non-blocking: the executor takes
+//! the atom out of the slot and reads both pipes until they are empty itself,
+//! delivering the rest including a final partial line. The slot's lock orders
+//! the two readers (a batch the pump is delivering completes first), so every
+//! byte is delivered before `end_of_output`, in order. The executor starts the
+//! session's next atom only after the result, so no byte can be attributed to
+//! the wrong atom — except bytes written by threads the atom started and left
+//! running: those written before the drain belong to this atom, later ones to
+//! the session's next atom (they wait in the pipe until then).
 //!
 //! Lines longer than `max_line` are delivered in pieces of `max_line` bytes;
 //! such a piece, and an atom's final partial line, is the last thing in its
 //! `output` call and carries no `\n` (no byte is ever added or dropped).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-
-use crossbeam::channel::{self, Receiver, Sender};
+use std::time::Instant;
 
 use super::Sink;
 
@@ -117,21 +122,31 @@ impl Splitter {
     }
 }
 
-enum PumpMsg {
-    Attach {
-        atom: u64,
-        sink: Sink,
-        fds: [RawFd; 2],
-    },
-    /// Drain, deliver everything, detach, then answer.
-    Finish(Sender<()>),
+/// How long the pump waits before looking at its slot again while atoms come
+/// and go: an atom attached without waking the pump is noticed within this
+/// time (its output streams from then on; before, it waits in the pipe).
+const POLL_TICK: libc::c_int = 1;
+/// After this long without an atom the pump sleeps until an attach wakes it.
+const IDLE_SLEEP: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What the executor and its pump share.
+struct Slot {
+    cur: Option<Attached>,
+    /// The pump sleeps with no timeout: the next attach must wake it.
+    sleeping: bool,
+    stop: bool,
 }
 
-/// Handle to one pump thread.
+/// Handle to one pump thread, owned by its executor.
 pub(crate) struct Pump {
-    ctrl: Sender<PumpMsg>,
+    slot: Arc<Mutex<Slot>>,
     wake_w: OwnedFd,
     thread: Option<JoinHandle<()>>,
+    max_line: usize,
+}
+
+fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Pump {
@@ -144,14 +159,20 @@ impl Pump {
         // SAFETY: fresh fds, ours.
         let (wake_r, wake_w) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let (ctrl, rx) = channel::unbounded();
+        let slot = Arc::new(Mutex::new(Slot {
+            cur: None,
+            sleeping: false,
+            stop: false,
+        }));
+        let theirs = slot.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || pump_loop(rx, wake_r, max_line))?;
+            .spawn(move || pump_loop(theirs, wake_r))?;
         Ok(Pump {
-            ctrl,
+            slot,
             wake_w,
             thread: Some(thread),
+            max_line,
         })
     }
 
@@ -160,28 +181,42 @@ impl Pump {
         unsafe { libc::write(self.wake_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
     }
 
-    /// Starts forwarding the pipes `fds` (stdout, stderr) as `atom`'s output.
+    /// Makes the pipes `fds` (stdout, stderr) `atom`'s output. Wakes the pump
+    /// only if it sleeps without a timeout (no atom for a while).
     pub(crate) fn attach(&self, atom: u64, sink: Sink, fds: [RawFd; 2]) {
-        let _ = self.ctrl.send(PumpMsg::Attach { atom, sink, fds });
-        self.wake();
+        let mut slot = lock(&self.slot);
+        slot.cur = Some(Attached {
+            atom,
+            sink,
+            fds,
+            split: [Splitter::new(self.max_line), Splitter::new(self.max_line)],
+        });
+        let wake = std::mem::take(&mut slot.sleeping);
+        drop(slot);
+        if wake {
+            self.wake();
+        }
     }
 
-    /// Returns once every byte in the pipes has been delivered and the pump has
-    /// let go of them.
+    /// On the executor, after the atom returned: reads both pipes until they
+    /// are empty and delivers everything, including a final partial line. The
+    /// pump, if it is delivering a batch of this atom, finishes that first.
     pub(crate) fn finish(&self) {
-        let (tx, rx) = channel::bounded(1);
-        if self.ctrl.send(PumpMsg::Finish(tx)).is_ok() {
-            self.wake();
-            let _ = rx.recv();
+        let Some(mut a) = lock(&self.slot).cur.take() else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        for i in 0..2 {
+            a.read(i, &mut buf, true);
+            a.split[i].finish();
+            a.deliver(i);
         }
     }
 }
 
 impl Drop for Pump {
     fn drop(&mut self) {
-        // Disconnecting the channel and waking the thread makes it exit.
-        let (dead, _) = channel::unbounded();
-        self.ctrl = dead;
+        lock(&self.slot).stop = true;
         self.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -226,10 +261,26 @@ impl Attached {
     }
 }
 
-fn pump_loop(rx: Receiver<PumpMsg>, wake_r: OwnedFd, max_line: usize) {
+fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut cur: Option<Attached> = None;
+    let mut last_atom = Instant::now();
     loop {
+        let fds = {
+            let mut s = lock(&slot);
+            if s.stop {
+                return;
+            }
+            match &s.cur {
+                Some(a) => {
+                    last_atom = Instant::now();
+                    Some(a.fds)
+                }
+                None => {
+                    s.sleeping = last_atom.elapsed() >= IDLE_SLEEP;
+                    None
+                }
+            }
+        };
         let mut pfds = [
             libc::pollfd {
                 fd: wake_r.as_raw_fd(),
@@ -237,32 +288,25 @@ fn pump_loop(rx: Receiver<PumpMsg>, wake_r: OwnedFd, max_line: usize) {
                 revents: 0,
             },
             libc::pollfd {
-                fd: -1,
+                fd: fds.map_or(-1, |f| f[0]),
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: -1,
+                fd: fds.map_or(-1, |f| f[1]),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
-        if let Some(a) = &cur {
-            pfds[1].fd = a.fds[0];
-            pfds[2].fd = a.fds[1];
-        }
+        let timeout = if fds.is_none() && last_atom.elapsed() >= IDLE_SLEEP {
+            -1
+        } else {
+            POLL_TICK
+        };
         // SAFETY: polling our array of three pollfds (fd -1 entries are ignored).
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, -1) };
-        if n < 0 {
-            continue; // EINTR
-        }
-        if let Some(a) = &mut cur {
-            for i in 0..2 {
-                if pfds[i + 1].revents != 0 {
-                    a.read(i, &mut buf, false);
-                    a.deliver(i);
-                }
-            }
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout) };
+        if n <= 0 {
+            continue; // the tick, or EINTR
         }
         if pfds[0].revents != 0 {
             let mut sink = [0u8; 64];
@@ -270,28 +314,19 @@ fn pump_loop(rx: Receiver<PumpMsg>, wake_r: OwnedFd, max_line: usize) {
             while unsafe { libc::read(wake_r.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) }
                 > 0
             {}
-            loop {
-                match rx.try_recv() {
-                    Ok(PumpMsg::Attach { atom, sink, fds }) => {
-                        cur = Some(Attached {
-                            atom,
-                            sink,
-                            fds,
-                            split: [Splitter::new(max_line), Splitter::new(max_line)],
-                        });
-                    }
-                    Ok(PumpMsg::Finish(done)) => {
-                        if let Some(mut a) = cur.take() {
-                            for i in 0..2 {
-                                a.read(i, &mut buf, true);
-                                a.split[i].finish();
-                                a.deliver(i);
-                            }
-                        }
-                        let _ = done.send(());
-                    }
-                    Err(channel::TryRecvError::Empty) => break,
-                    Err(channel::TryRecvError::Disconnected) => return,
+        }
+        if pfds[1].revents == 0 && pfds[2].revents == 0 {
+            continue;
+        }
+        // The executor may have finished that atom and attached another since
+        // the poll: read only if these are still the attached atom's pipes, so
+        // its `finish` (which takes the slot first) sees every byte in order.
+        let mut s = lock(&slot);
+        if let Some(a) = s.cur.as_mut().filter(|a| Some(a.fds) == fds) {
+            for i in 0..2 {
+                if pfds[i + 1].revents != 0 {
+                    a.read(i, &mut buf, false);
+                    a.deliver(i);
                 }
             }
         }

@@ -2,9 +2,10 @@
 //!
 //! Scheduling: a session with work is *scheduled*: it sits once in the shared
 //! run queue (a crossbeam channel) or is held by exactly one executor. An
-//! executor takes a session, runs its next atom to completion (result
-//! delivered), and puts the session back at the end of the run queue if more
-//! atoms wait. So a session's atoms run in order and one at a time, sessions
+//! executor takes a session and runs its atoms one after another, each to
+//! completion (result delivered), while more wait: as long as the run queue is
+//! empty, and for at most [`SLICE`] once another session waits there; then it
+//! puts the session back at the end of the run queue. So a session's atoms run in order and one at a time, sessions
 //! take turns on the executors, and different sessions run in parallel (each
 //! interpreter has its own GIL). Any executor may run any session: each keeps
 //! its own thread state per interpreter (see `interp.rs`).
@@ -23,6 +24,11 @@ use super::runtime::Shared;
 use super::watchdog::WatchMsg;
 use super::{AtomRequest, Sink};
 use crate::protocol::{AtomResult, FailureOrigin, Outcome, RemoteException};
+
+/// How long an executor keeps running one session's atoms while another
+/// session waits in the run queue. Staying avoids moving the session's
+/// interpreter (GIL, thread state, caches) to the other executor per atom.
+const SLICE: Duration = Duration::from_millis(2);
 
 /// Why a running atom was interrupted; decides the failure's origin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,12 +305,22 @@ impl Drop for EngineSession {
 pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>, pump: Pump) {
     let _anchor = super::python::Anchor::new();
     while let Ok(Job::Run(core)) = rx.recv() {
-        run_next(index, &shared, &core, &pump);
+        let slice = Instant::now();
+        while run_next(index, &shared, &core, &pump) {
+            // More atoms wait. Keep the session while no other session waits
+            // for an executor, and for at most a slice when one does.
+            if !shared.runq_tx.is_empty() && slice.elapsed() >= SLICE {
+                let _ = shared.runq_tx.send(Job::Run(core.clone()));
+                break;
+            }
+        }
     }
     drop(pump);
 }
 
-fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &Pump) {
+/// Runs the session's next atom; returns true if the session stays scheduled
+/// (held by this executor) because more atoms wait.
+fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &Pump) -> bool {
     let stopping = shared.stopping.load(Ordering::Acquire);
     let mut st = core.lock();
     if st.closed {
@@ -314,7 +330,7 @@ fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &
         if let Some(interp) = interp {
             shared.recycle(interp);
         }
-        return;
+        return false;
     }
     if stopping {
         // No new atom starts; everything queued is answered now, in order.
@@ -329,11 +345,11 @@ fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &
                 "the server is shutting down".into(),
             );
         }
-        return;
+        return false;
     }
     let Some(q) = st.queue.pop_front() else {
         st.scheduled = false;
-        return;
+        return false;
     };
     let interp = st.interp.clone();
     let serial = shared.next_serial();
@@ -365,11 +381,12 @@ fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &
         if let Some(interp) = interp {
             shared.recycle(interp);
         }
+        false
     } else if st.queue.is_empty() {
         st.scheduled = false;
+        false
     } else {
-        drop(st);
-        let _ = shared.runq_tx.send(Job::Run(core.clone()));
+        true
     }
 }
 
