@@ -15,6 +15,11 @@
 //! - output writer: output and log queues → output-stream, GOODBYE last; spawned at ATTACH.
 //! - output watcher: the output-stream's connection thread, reading to detect a close.
 //!
+//! The writer threads carry only what cannot be written at once: a sink call
+//! (on an engine thread) sends a small frame straight to the socket when the
+//! stream's writer is idle and nothing is queued ahead of it ([`Line`]), so a
+//! short atom's END_OF_OUTPUT and RESULT wake no writer thread.
+//!
 //! Writers stop when the session's `ended` channel disconnects (its only
 //! sender is dropped by `end`): they drain what is queued, then return.
 //!
@@ -24,10 +29,11 @@
 //! [`Answers`] until every atom before it has been answered.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{bounded, Receiver, Sender};
@@ -146,6 +152,8 @@ pub struct Session {
     out_tx: Sender<Frame>,
     goodbye_tx: Sender<Frame>,
     main_tx: Sender<Frame>,
+    out_line: Line,
+    main_line: Line,
     /// The server is shutting down: new atoms are refused.
     draining: AtomicBool,
     max_frame: u32,
@@ -218,6 +226,35 @@ struct Answers {
     ready: HashMap<u64, Frame>,
 }
 
+/// A stream's writing side, shared by its writer thread and the engine's
+/// direct path: a frame produced while the writer is idle and nothing is
+/// queued goes straight to the socket from the calling (executor) thread, with
+/// a non-blocking `send`, instead of waking the writer thread for it.
+struct Line {
+    /// Held by whoever writes to the socket; the writer thread's buffer is
+    /// always flushed before it lets go.
+    gate: Mutex<()>,
+    /// Frames put on the queue and not yet written (counted before the push):
+    /// while any are, new frames queue behind them, so order is kept.
+    queued: AtomicUsize,
+    /// The socket, once frames may be written to it (the output-stream after ATTACHED).
+    stream: OnceLock<TcpStream>,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line {
+            gate: Mutex::new(()),
+            queued: AtomicUsize::new(0),
+            stream: OnceLock::new(),
+        }
+    }
+}
+
+/// Frames up to this size may take the direct path; larger ones (big results)
+/// go through the writer thread, which copies nothing.
+const DIRECT_MAX: usize = 64 * 1024;
+
 impl Session {
     pub fn secret(&self) -> &[u8; NONCE_LEN] {
         &self.secret
@@ -256,9 +293,14 @@ impl Session {
 
     /// Tells the client why on the main-stream (ERROR, request id 0), then ends the session.
     pub fn fail(&self, code: ErrorCode, message: String, reason: EndReason) {
-        let _ = self
+        self.main_line.queued.fetch_add(1, Ordering::SeqCst);
+        if self
             .main_tx
-            .try_send(Message::Error(ErrorMsg { code, message }).to_frame(0));
+            .try_send(Message::Error(ErrorMsg { code, message }).to_frame(0))
+            .is_err()
+        {
+            self.main_line.queued.fetch_sub(1, Ordering::SeqCst);
+        }
         self.end(reason);
     }
 
@@ -304,11 +346,63 @@ impl Session {
     }
 
     fn push_output(&self, frame: Frame) {
-        self.push(&self.out_tx, frame);
+        self.push_on(&self.out_line, &self.out_tx, frame, "output-stream");
     }
 
     fn push_main(&self, frame: Frame) {
-        self.push(&self.main_tx, frame);
+        self.push_on(&self.main_line, &self.main_tx, frame, "main-stream");
+    }
+
+    /// Writes `frame` to the socket at once if the stream's writer is idle and
+    /// nothing is queued; otherwise queues it for the writer thread.
+    fn push_on(&self, line: &Line, tx: &Sender<Frame>, frame: Frame, stream: &str) {
+        if self.send_direct(line, &frame, stream) {
+            return;
+        }
+        line.queued.fetch_add(1, Ordering::SeqCst);
+        self.push(tx, frame);
+    }
+
+    /// The direct path: true if `frame` was written (or the stream failed, in
+    /// which case the session is ended). A frame the socket does not take at
+    /// all (client not reading: `EAGAIN`) is left to the queue, which is what
+    /// bounds memory and slows only this session; a frame it takes in part is
+    /// completed here, blocking, so frames never interleave.
+    fn send_direct(&self, line: &Line, frame: &Frame, stream: &str) -> bool {
+        if frame.payload.len() > DIRECT_MAX {
+            return false;
+        }
+        let Some(sock) = line.stream.get() else {
+            return false;
+        };
+        let Ok(_gate) = line.gate.try_lock() else {
+            return false;
+        };
+        if line.queued.load(Ordering::SeqCst) != 0 || self.is_ended() {
+            return false;
+        }
+        let bytes = frame.to_bytes();
+        // SAFETY: a send from our buffer on a socket this session keeps open.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n <= 0 {
+            // EAGAIN: the queue takes it. A failed socket: the writer thread
+            // finds out on its next write and ends the session.
+            return false;
+        }
+        let n = n as usize;
+        if n < bytes.len() {
+            if let Err(e) = (&mut &*sock).write_all(&bytes[n..]) {
+                self.writer_failed(stream, protocol::Error::Io(e));
+            }
+        }
+        true
     }
 
     /// Answers an accepted atom without running it: END_OF_OUTPUT so the
@@ -370,6 +464,9 @@ impl Session {
             self.end(EndReason::StreamError(format!("writing ATTACHED: {e}")));
             return Ok(group);
         }
+        if let Ok(direct) = output.try_clone() {
+            let _ = self.out_line.stream.set(direct);
+        }
         let me = Arc::clone(self);
         let spawned = shared.spawn(
             format!("pyproxy-out-{}", self.id),
@@ -399,22 +496,39 @@ impl Session {
         log_rx: Receiver<Frame>,
         goodbye_rx: Receiver<Frame>,
     ) {
+        let line = &self.out_line;
         let result = (|| -> protocol::Result<()> {
             loop {
                 let next = select! {
-                    recv(out_rx) -> f => f.ok(),
-                    recv(log_rx) -> f => f.ok(),
+                    recv(out_rx) -> f => f.ok().map(|f| (f, 1)),
+                    recv(log_rx) -> f => f.ok().map(|f| (f, 0)),
                     recv(self.ended_rx) -> _ => None,
                 };
-                match next {
-                    Some(f) => w.write_frame(&f)?,
-                    None => break,
-                }
-                if out_rx.is_empty() && log_rx.is_empty() {
-                    w.flush()?;
-                }
+                let Some((first, counted)) = next else {
+                    break;
+                };
+                // Everything queued by now goes out in this batch, one flush.
+                let _gate = lock(&line.gate);
+                let mut written = counted;
+                let batch = (|| -> protocol::Result<()> {
+                    w.write_frame(&first)?;
+                    loop {
+                        if let Ok(f) = out_rx.try_recv() {
+                            written += 1;
+                            w.write_frame(&f)?;
+                        } else if let Ok(f) = log_rx.try_recv() {
+                            w.write_frame(&f)?;
+                        } else {
+                            break;
+                        }
+                    }
+                    w.flush()
+                })();
+                line.queued.fetch_sub(written, Ordering::SeqCst);
+                batch?;
             }
             // Ended: send what was queued before the end, GOODBYE last, then stop.
+            let _gate = lock(&line.gate);
             for q in [&out_rx, &log_rx, &goodbye_rx] {
                 for f in q.try_iter().take(q.capacity().unwrap_or(0).max(1)) {
                     w.write_frame(&f)?;
@@ -429,20 +543,30 @@ impl Session {
 
     /// Writes `main_rx` to the main-stream until the session ends, then what is left.
     fn main_writer(self: Arc<Self>, mut w: Writer, main_rx: Receiver<Frame>) {
+        let line = &self.main_line;
         let result = (|| -> protocol::Result<()> {
             loop {
                 let next = select! {
                     recv(main_rx) -> f => f.ok(),
                     recv(self.ended_rx) -> _ => None,
                 };
-                match next {
-                    Some(f) => w.write_frame(&f)?,
-                    None => break,
-                }
-                if main_rx.is_empty() {
-                    w.flush()?;
-                }
+                let Some(first) = next else {
+                    break;
+                };
+                let _gate = lock(&line.gate);
+                let mut written = 1;
+                let batch = (|| -> protocol::Result<()> {
+                    w.write_frame(&first)?;
+                    while let Ok(f) = main_rx.try_recv() {
+                        written += 1;
+                        w.write_frame(&f)?;
+                    }
+                    w.flush()
+                })();
+                line.queued.fetch_sub(written, Ordering::SeqCst);
+                batch?;
             }
+            let _gate = lock(&line.gate);
             for f in main_rx.try_iter().take(MAIN_QUEUE) {
                 w.write_frame(&f)?;
             }
@@ -705,6 +829,8 @@ pub fn run_main(
         out_tx,
         goodbye_tx,
         main_tx,
+        out_line: Line::new(),
+        main_line: Line::new(),
         draining: AtomicBool::new(false),
         max_frame: limits.max_frame,
         max_pipelined: limits.max_pipelined,
@@ -754,6 +880,9 @@ pub fn run_main(
             .and_then(|()| stream.set_write_timeout(None));
         match (sent, timeouts) {
             (Ok(()), Ok(())) => {
+                if let Ok(direct) = stream.try_clone() {
+                    let _ = session.main_line.stream.set(direct);
+                }
                 info!(log, "client connected";
                     "peer" => %peer, "client" => &hello.client,
                     "client_python" => &hello.python_version,
