@@ -15,6 +15,7 @@ pub mod session;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
@@ -98,6 +99,50 @@ struct PyConnection {
     inner: Arc<Session>,
 }
 
+/// A field of an EVAL as Python handed it: one `bytes`, or pieces held
+/// through the buffer protocol (which keeps each exporter alive and, for a
+/// `bytearray`, unresizable until the frame is written).
+enum Pieces<'py> {
+    Bytes(Bound<'py, PyBytes>),
+    Buffers(Vec<PyBuffer<u8>>),
+}
+
+impl<'py> Pieces<'py> {
+    fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Pieces<'py>> {
+        if let Ok(b) = obj.cast::<PyBytes>() {
+            return Ok(Pieces::Bytes(b.clone()));
+        }
+        let list = obj.cast::<PyList>().map_err(|_| {
+            PyValueError::new_err("an atom field is bytes or a list of bytes-like pieces")
+        })?;
+        let mut out = Vec::with_capacity(list.len());
+        for item in list.iter() {
+            let buf = PyBuffer::<u8>::get(&item)?;
+            if !buf.is_c_contiguous() {
+                return Err(PyValueError::new_err(
+                    "an atom field's piece is not contiguous",
+                ));
+            }
+            out.push(buf);
+        }
+        Ok(Pieces::Buffers(out))
+    }
+
+    fn slices(&self) -> Vec<&[u8]> {
+        match self {
+            Pieces::Bytes(b) => vec![b.as_bytes()],
+            Pieces::Buffers(bufs) => bufs
+                .iter()
+                .map(|b| {
+                    // SAFETY: a C-contiguous buffer of `len_bytes` bytes that stays
+                    // exported (so valid and not resized) while `self` lives.
+                    unsafe { std::slice::from_raw_parts(b.buf_ptr().cast::<u8>(), b.len_bytes()) }
+                })
+                .collect(),
+        }
+    }
+}
+
 /// How an atom ended, still undecoded: the pickled value, or the parts of a
 /// remote exception. `pyproxy` unpickles it in the thread that asks.
 #[pyclass(frozen, name = "Outcome", module = "pyproxy._native")]
@@ -105,9 +150,10 @@ struct PyOutcome {
     /// True when the atom raised or failed; `pickled` is then the exception, if it pickled.
     #[pyo3(get)]
     is_exception: bool,
-    /// The pickled value or exception (may be None for an exception that did not pickle).
+    /// The pickled value or exception (may be None for an exception that did not
+    /// pickle): `bytes`, or for a large value a read-only bytes-like `Value`.
     #[pyo3(get)]
-    pickled: Option<Py<PyBytes>>,
+    pickled: Option<Py<PyAny>>,
     /// Failure origin code (0 raised, 1 timeout, 2 cancelled, 3 version mismatch,
     /// 4 worker died, 5 shutdown, 6 server error); 0 for a value.
     #[pyo3(get)]
@@ -180,12 +226,84 @@ impl PyNotifier {
     }
 }
 
-fn outcome(py: Python<'_>, atom: u64, done: &Completion) -> PyResult<PyOutcome> {
-    match done {
+/// Values at least this large reach Python as a [`PyValue`] over the Rust
+/// buffer rather than as a copy in a `bytes`.
+const VALUE_VIEW_MIN: usize = 64 * 1024;
+
+/// A large pickled value, exposed read-only through the buffer protocol
+/// straight from the buffer the reader thread filled: `pickle.loads` reads it
+/// where it lies, so the value is copied once (into the objects it unpickles to).
+#[pyclass(frozen, name = "Value", module = "pyproxy._native")]
+struct PyValue {
+    done: Arc<Completion>,
+}
+
+impl PyValue {
+    fn data(&self) -> &[u8] {
+        match &*self.done {
+            Completion::Result(r) => match &r.outcome {
+                Outcome::Value { pickled } => pickled,
+                Outcome::Exception(_) => &[],
+            },
+            _ => &[],
+        }
+    }
+}
+
+#[pymethods]
+impl PyValue {
+    /// # Safety
+    /// Called by CPython with a valid `view`.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        if flags & pyo3::ffi::PyBUF_WRITABLE == pyo3::ffi::PyBUF_WRITABLE {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "a pickled value is read-only",
+            ));
+        }
+        let data = slf.get().data();
+        // SAFETY: `data` lives in the Arc this object holds, never changes, and
+        // the view holds a reference to this object (FillInfo increfs it).
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                data.as_ptr() as *mut std::os::raw::c_void,
+                data.len() as pyo3::ffi::Py_ssize_t,
+                1,
+                flags,
+            )
+        };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.data().len()
+    }
+}
+
+fn outcome(py: Python<'_>, atom: u64, done: &Arc<Completion>) -> PyResult<PyOutcome> {
+    match &**done {
         Completion::Result(r) => Ok(match &r.outcome {
             Outcome::Value { pickled } => PyOutcome {
                 is_exception: false,
-                pickled: Some(PyBytes::new(py, pickled).unbind()),
+                pickled: Some(if pickled.len() >= VALUE_VIEW_MIN {
+                    Py::new(
+                        py,
+                        PyValue {
+                            done: Arc::clone(done),
+                        },
+                    )?
+                    .into_any()
+                } else {
+                    PyBytes::new(py, pickled).into_any().unbind()
+                }),
                 origin: 0,
                 type_name: String::new(),
                 message: String::new(),
@@ -194,7 +312,10 @@ fn outcome(py: Python<'_>, atom: u64, done: &Completion) -> PyResult<PyOutcome> 
             },
             Outcome::Exception(e) => PyOutcome {
                 is_exception: true,
-                pickled: e.pickled.as_ref().map(|p| PyBytes::new(py, p).unbind()),
+                pickled: e
+                    .pickled
+                    .as_ref()
+                    .map(|p| PyBytes::new(py, p).into_any().unbind()),
                 origin: e.origin as u8,
                 type_name: e.type_name.clone(),
                 message: e.message.clone(),
@@ -306,20 +427,31 @@ impl PyConnection {
     }
 
     /// Sends an atom (`kind` 0 source, 1 code, 2 function) and returns its id.
+    /// Each of `payload`, `globals` and `locals` is `bytes`, or a list of
+    /// C-contiguous bytes-like pieces that the field is the concatenation of
+    /// (written to the socket from where they lie, without joining them).
     #[pyo3(signature = (kind, payload, globals=None, locals=None, timeout_ms=None))]
     fn submit(
         &self,
         py: Python<'_>,
         kind: u8,
-        payload: &[u8],
-        globals: Option<&[u8]>,
-        locals: Option<&[u8]>,
+        payload: &Bound<'_, PyAny>,
+        globals: Option<&Bound<'_, PyAny>>,
+        locals: Option<&Bound<'_, PyAny>>,
         timeout_ms: Option<u64>,
     ) -> PyResult<u64> {
         let kind = AtomKind::from_wire(kind)
             .map_err(|_| PyValueError::new_err(format!("unknown atom kind {kind}")))?;
+        let payload = Pieces::extract(payload)?;
+        let globals = globals.map(Pieces::extract).transpose()?;
+        let locals = locals.map(Pieces::extract).transpose()?;
+        let (p, g, l) = (
+            payload.slices(),
+            globals.as_ref().map(Pieces::slices),
+            locals.as_ref().map(Pieces::slices),
+        );
         let s = &self.inner;
-        py.detach(|| s.submit(kind, payload, globals, locals, timeout_ms))
+        py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms))
             .map_err(|e| to_pyerr(py, e))
     }
 
@@ -442,6 +574,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CLIENT_NAME", session::CLIENT_NAME)?;
     m.add_class::<PyConnection>()?;
     m.add_class::<PyOutcome>()?;
+    m.add_class::<PyValue>()?;
     m.add_class::<PyNotifier>()?;
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pyproxy::protocol::{Frame, Kind, Message};
+use pyproxy::protocol::{Frame, Header, Kind, Message, HEADER_SIZE};
 
 use crate::error::code_name;
 use crate::notify::Pipe;
@@ -75,11 +75,25 @@ impl Cause {
     }
 }
 
+/// Payloads at least this large are read from the socket straight into a
+/// buffer of their final size instead of through `scratch` and `data`.
+const BIG_FRAME: usize = 1024 * 1024;
+
+/// A large frame being read in place: its header, and its payload so far.
+struct BigFrame {
+    kind: Kind,
+    request_id: u64,
+    payload: Vec<u8>,
+    filled: usize,
+}
+
 /// Bytes read from one stream and not yet cut into frames.
 struct Inbox {
     name: &'static str,
     data: Vec<u8>,
     start: usize,
+    /// Set while a large frame's payload is read directly into its buffer.
+    big: Option<BigFrame>,
 }
 
 impl Inbox {
@@ -88,7 +102,30 @@ impl Inbox {
             name,
             data: Vec::new(),
             start: 0,
+            big: None,
         }
+    }
+
+    /// Where the next read from the socket should go.
+    fn read_buf<'a>(&'a mut self, scratch: &'a mut [u8]) -> &'a mut [u8] {
+        match &mut self.big {
+            Some(b) => &mut b.payload[b.filled..],
+            None => scratch,
+        }
+    }
+
+    /// Takes `n` bytes just read into [`Inbox::read_buf`]; returns every frame now complete.
+    fn received(&mut self, scratch: &[u8], n: usize, max_frame: u32) -> Result<Vec<Frame>, Cause> {
+        if let Some(b) = &mut self.big {
+            b.filled += n;
+            if b.filled < b.payload.len() {
+                return Ok(Vec::new());
+            }
+            let b = self.big.take().expect("checked above");
+            return Ok(vec![Frame::new(b.kind, b.request_id, b.payload)]);
+        }
+        self.data.extend_from_slice(&scratch[..n]);
+        self.frames(max_frame)
     }
 
     /// Every complete frame in the buffer.
@@ -102,6 +139,25 @@ impl Inbox {
                 }
                 Ok(None) => break,
                 Err(e) => return Err(Cause::Protocol(format!("{} on {}", e, self.name))),
+            }
+        }
+        // A large frame has begun (its length already passed the max_frame
+        // check in Frame::parse): read the rest of it in place, in one buffer
+        // of its final size.
+        let rest = &self.data[self.start..];
+        if let Ok(Some(h)) = Header::parse(rest, max_frame) {
+            let len = h.payload_len as usize;
+            if len >= BIG_FRAME {
+                let have = &rest[HEADER_SIZE..];
+                let mut payload = vec![0u8; len];
+                payload[..have.len()].copy_from_slice(have);
+                self.big = Some(BigFrame {
+                    kind: h.kind,
+                    request_id: h.request_id,
+                    filled: have.len(),
+                    payload,
+                });
+                self.start = self.data.len();
             }
         }
         if self.start == self.data.len() {
@@ -216,7 +272,7 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
             if fds[i].revents == 0 {
                 continue;
             }
-            let n = match (&mut &*streams[i]).read(&mut scratch) {
+            let n = match (&mut &*streams[i]).read(inboxes[i].read_buf(&mut scratch)) {
                 Ok(0) => return Cause::PeerClosed(inboxes[i].name),
                 Ok(n) => n,
                 Err(e)
@@ -238,23 +294,37 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
                 }
                 Err(e) => return Cause::Io(inboxes[i].name, e),
             };
-            inboxes[i].data.extend_from_slice(&scratch[..n]);
-            let frames = match inboxes[i].frames(max_frame) {
+            let frames = match inboxes[i].received(&scratch, n, max_frame) {
                 Ok(f) => f,
                 Err(cause) => return cause,
             };
             if frames.is_empty() {
                 continue;
             }
+            // Decode main-stream frames before taking the lock: a large RESULT's
+            // value is moved within its buffer, which should not hold up wait().
+            let frames: Vec<(Frame, Option<Result<Message, Cause>>)> = frames
+                .into_iter()
+                .map(|mut f| {
+                    if i == 0 {
+                        let payload = std::mem::take(&mut f.payload);
+                        let msg = Message::decode_owned(f.kind, payload).map_err(|e| {
+                            Cause::Protocol(format!("undecodable {} on main-stream: {e}", f.kind))
+                        });
+                        (f, Some(msg))
+                    } else {
+                        (f, None)
+                    }
+                })
+                .collect();
             // One lock and one wake-up per read, however many frames it held.
             let stop = {
                 let mut st = shared.lock();
                 let mut stop = None;
-                for frame in frames {
-                    let routed = if i == 0 {
-                        route_main(&mut st, frame)
-                    } else {
-                        route_output(&mut st, frame)
+                for (frame, decoded) in frames {
+                    let routed = match decoded {
+                        Some(msg) => route_main(&mut st, frame.request_id, msg),
+                        None => route_output(&mut st, frame),
                     };
                     if let Err(cause) = routed {
                         stop = Some(cause);
@@ -284,9 +354,8 @@ fn decode(frame: &Frame, stream: &str) -> Result<Message, Cause> {
         .map_err(|e| Cause::Protocol(format!("undecodable {} on {stream}: {e}", frame.kind)))
 }
 
-fn route_main(st: &mut State, frame: Frame) -> Result<(), Cause> {
-    let atom = frame.request_id;
-    match decode(&frame, "main-stream")? {
+fn route_main(st: &mut State, atom: u64, msg: Result<Message, Cause>) -> Result<(), Cause> {
+    match msg? {
         Message::Result(r) => st.complete(atom, Completion::Result(r)),
         Message::Error(e) if atom != 0 => st.complete(atom, Completion::Refused(e)),
         Message::Error(e) => {
@@ -369,6 +438,37 @@ pub(crate) mod tests {
     };
     use std::net::TcpListener;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_large_frame_is_read_in_place_across_reads_and_the_next_one_follows() {
+        let value: Vec<u8> = (0..3 * BIG_FRAME).map(|i| (i % 253) as u8).collect();
+        let big = Message::Result(AtomResult {
+            duration_us: 1,
+            outcome: Outcome::Value {
+                pickled: value.clone(),
+            },
+        });
+        let small = Message::EndOfOutput;
+        let mut bytes = big.to_frame(5).to_bytes();
+        bytes.extend_from_slice(&small.to_frame(6).to_bytes());
+        let mut inbox = Inbox::new("main-stream");
+        let mut scratch = vec![0u8; READ_SIZE];
+        let (mut off, mut frames, mut in_place) = (0, Vec::new(), false);
+        while off < bytes.len() {
+            let buf = inbox.read_buf(&mut scratch);
+            let n = buf.len().min(bytes.len() - off).min(100_000);
+            buf[..n].copy_from_slice(&bytes[off..off + n]);
+            off += n;
+            frames.extend(inbox.received(&scratch, n, DEFAULT_MAX_FRAME).unwrap());
+            in_place |= inbox.big.is_some();
+        }
+        assert!(in_place && inbox.big.is_none());
+        assert_eq!(frames.len(), 2);
+        let f = frames.remove(0);
+        assert_eq!(f.request_id, 5);
+        assert_eq!(Message::decode_owned(f.kind, f.payload).unwrap(), big);
+        assert_eq!(Message::decode(&frames[0]).unwrap(), small);
+    }
 
     pub(crate) const PANIC_LOG: &str = "__pyproxy_test_panic__";
     const TOKEN: &str = "unit-test-token";

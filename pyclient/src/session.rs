@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyproxy::protocol::{
-    auth, AtomKind, AtomResult, Attach, Cancel, ErrorCode, ErrorMsg, Eval, Frame, FrameReader,
-    FrameWriter, Hello, Kind, Limits, Message, DEFAULT_MAX_FRAME, HEADER_SIZE, NONCE_LEN,
+    auth, AtomKind, AtomResult, Attach, Cancel, ErrorCode, ErrorMsg, Frame, FrameReader,
+    FrameWriter, Hello, Limits, Message, DEFAULT_MAX_FRAME, HEADER_SIZE, NONCE_LEN,
     PROTOCOL_VERSION,
 };
 
@@ -621,20 +621,32 @@ impl Session {
         locals: Option<&[u8]>,
         timeout_ms: Option<u64>,
     ) -> Result<u64> {
-        let size =
-            payload.len() + globals.map_or(0, <[u8]>::len) + locals.map_or(0, <[u8]>::len) + 64;
+        let (g, l) = (globals.map(|g| [g]), locals.map(|l| [l]));
+        self.submit_parts(
+            kind,
+            &[payload],
+            g.as_ref().map(|g| &g[..]),
+            l.as_ref().map(|l| &l[..]),
+            timeout_ms,
+        )
+    }
+
+    /// [`Session::submit`] with each field given as the pieces it is the
+    /// concatenation of; the pieces are written to the socket as they are.
+    pub fn submit_parts(
+        &self,
+        kind: AtomKind,
+        payload: &[&[u8]],
+        globals: Option<&[&[u8]]>,
+        locals: Option<&[&[u8]]>,
+        timeout_ms: Option<u64>,
+    ) -> Result<u64> {
+        let len = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>();
+        let size = len(payload) + globals.map_or(0, len) + locals.map_or(0, len) + 64;
         let max = self.info.limits.max_frame;
         if size + HEADER_SIZE > max as usize {
             return Err(ClientError::TooLarge { size, max });
         }
-        let eval = Message::Eval(Eval {
-            kind,
-            payload: payload.to_vec(),
-            globals: globals.map(<[u8]>::to_vec),
-            locals: locals.map(<[u8]>::to_vec),
-            timeout_ms,
-        });
-        let body = eval.encode_payload();
         // Holding the writer while taking the id keeps ids increasing on the wire.
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let atom = {
@@ -649,9 +661,17 @@ impl Session {
             st.pending.insert(atom);
             atom
         };
-        if let Err(e) =
-            pyproxy::protocol::frame::write_frame_parts(&mut *writer, Kind::Eval, atom, &body)
-                .and_then(|()| writer.flush().map_err(Into::into))
+        // Vectored, straight from the caller's buffers: no copy into a frame.
+        if let Err(e) = pyproxy::protocol::write_eval(
+            &mut *writer,
+            atom,
+            kind,
+            timeout_ms,
+            globals,
+            locals,
+            payload,
+        )
+        .and_then(|()| writer.flush().map_err(Into::into))
         {
             drop(writer);
             self.fail_write(&e.to_string());

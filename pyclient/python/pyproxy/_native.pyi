@@ -1,8 +1,9 @@
 """Native half of the PyProxy client. Use the `pyproxy` package instead."""
 
+from collections.abc import Buffer
 from typing import final
 
-__all__ = ["PROTOCOL_VERSION", "CLIENT_NAME", "Connection", "Outcome", "Notifier"]
+__all__ = ["PROTOCOL_VERSION", "CLIENT_NAME", "Connection", "Outcome", "Value", "Notifier"]
 
 PROTOCOL_VERSION: int
 CLIENT_NAME: str
@@ -43,9 +44,9 @@ class Connection:
     def submit(
         self,
         kind: int,
-        payload: bytes,
-        globals: bytes | None = None,
-        locals: bytes | None = None,
+        payload: bytes | list[Buffer],
+        globals: bytes | list[Buffer] | None = None,
+        locals: bytes | list[Buffer] | None = None,
         timeout_ms: int | None = None,
     ) -> int: ...
     def cancel(self, atom: int) -> bool: ...
@@ -74,7 +75,7 @@ class Outcome:
     @property
     def is_exception(self) -> bool: ...
     @property
-    def pickled(self) -> bytes | None: ...
+    def pickled(self) -> bytes | Value | None: ...
     @property
     def origin(self) -> int: ...
     @property
@@ -85,6 +86,14 @@ class Outcome:
     def traceback(self) -> str: ...
     @property
     def duration_us(self) -> int: ...
+
+@final
+class Value:
+    """A large pickled value, read-only and bytes-like (buffer protocol) over the
+    native buffer it arrived in; `pickle.loads` reads it without a copy."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __len__(self) -> int: ...
 
 @final
 class Notifier:

@@ -7,7 +7,10 @@ lines — and leaves the streams to ``pyproxy._native.Connection``.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import pickletools
 import platform
 import sys
 import threading
@@ -45,6 +48,129 @@ class LogRecord:
     """The record's message."""
     fields: dict[str, str] = field(default_factory=dict)
     """The record's key/value pairs (e.g. ``atom``, ``duration_ms``)."""
+
+
+# Buffers at least this large (a bytes value, a bytearray, a numpy array's data)
+# are not copied into the pickle stream: see _dumps.
+_OUT_OF_BAND_MIN = 1 << 20
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle; :attr:`big` stays empty (see :class:`_BigPickler`)."""
+
+    big: list[bytes] = []
+
+
+class _BigPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle that sets large ``bytes`` aside as persistent ids (the C pickler
+    consults ``persistent_id`` for every object, but never ``reducer_override`` for
+    ``bytes``); :func:`_dumps` splices them back in as ordinary in-band opcodes.
+    A Python call per pickled object costs a few µs for a small atom, so it is
+    used only when :func:`_has_big_bytes` finds large bytes where they usually are."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.big: list[bytes] = []
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if type(obj) is bytes and len(obj) >= _OUT_OF_BAND_MIN:
+            self.big.append(obj)
+            return len(self.big) - 1
+        return None
+
+
+def _has_big_bytes(obj: Any, depth: int = 2) -> bool:
+    """Whether `obj` holds a large ``bytes`` near the top: as itself, a value of a
+    dict, list or tuple (two levels down), or a function's closure cell, default or
+    referenced global. A miss only means that bytes object is copied in band."""
+    t = type(obj)
+    if t is bytes:
+        return len(obj) >= _OUT_OF_BAND_MIN
+    if depth == 0:
+        return False
+    if t is dict:
+        items: Any = obj.values()
+    elif t is list or t is tuple:
+        items = obj
+    elif t is types.FunctionType:
+        code = obj.__code__
+        items = list(obj.__defaults__ or ())
+        for cell in obj.__closure__ or ():
+            try:
+                items.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        g = obj.__globals__
+        items += [g[n] for n in code.co_names if n in g]
+    else:
+        return False
+    if len(items) > 1000:
+        return True  # too many to look at cheaply: let the pickler check each
+    return any(_has_big_bytes(v, depth - 1) for v in items)
+
+
+def _dumps(obj: Any) -> bytes | list[Any]:
+    """Pickles `obj` (protocol 5, cloudpickle) for an EVAL field: ``bytes``, or, when
+    it holds large buffers, a list of pieces whose concatenation is an ordinary
+    in-band pickle of `obj`, so the native layer writes the buffers to the socket
+    from where they lie instead of from a copy in the pickle stream. Large
+    ``bytes`` become persistent ids, large buffers (``bytearray``, numpy arrays)
+    go out of band; then each ``<int> BINPERSID`` and each ``NEXT_BUFFER`` is
+    replaced by what pickle itself writes in band for that object (``BINBYTES8``
+    for bytes or a read-only buffer, ``BYTEARRAY8`` for a writable one) followed
+    by the buffer. The server reads a plain pickle; nothing on the wire changes.
+    """
+    buffers: list[memoryview] = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: pickle copies it in band
+            return True
+        if raw.nbytes < _OUT_OF_BAND_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    out = io.BytesIO()
+    cls = _BigPickler if _has_big_bytes(obj) else _Pickler
+    pickler = cls(out, protocol=_PICKLE_PROTOCOL, buffer_callback=keep)
+    pickler.dump(obj)
+    data = out.getvalue()
+    if not buffers and not pickler.big:
+        return data
+    # Edits as (start, end, replacement) over `data`. FRAME opcodes are dropped
+    # (framing is optional in protocol 4+, and a frame's length would no longer
+    # match once a buffer is spliced into it).
+    ops: list[tuple[str, Any, int]] = [(op.name, arg, int(pos or 0)) for op, arg, pos in pickletools.genops(data)]
+    edits: list[tuple[int, int, list[Any]]] = []
+    oob = iter(buffers)
+    for i, (name, _arg, pos) in enumerate(ops):
+        if name == "FRAME":
+            edits.append((pos, pos + 9, []))
+        elif name == "NEXT_BUFFER":
+            raw = next(oob)
+            opcode = pickle.BINBYTES8 if raw.readonly else pickle.BYTEARRAY8
+            edits.append((pos, pos + 1, [opcode + raw.nbytes.to_bytes(8, "little"), raw]))
+        elif name == "BINPERSID":
+            # The id is the int pushed by the last opcode before this one that
+            # is not a FRAME; it spans up to the opcode after it.
+            j = i - 1
+            while ops[j][0] == "FRAME":
+                j -= 1
+            big = pickler.big[ops[j][1]]
+            edits.append((ops[j][2], ops[j + 1][2], []))
+            edits.append((pos, pos + 1, [pickle.BINBYTES8 + len(big).to_bytes(8, "little"), big]))
+    edits.sort(key=lambda e: e[0])
+    view = memoryview(data)
+    pieces: list[Any] = []
+    start = 0
+    for a, b, replacement in edits:
+        pieces.append(view[start:a])
+        pieces += replacement
+        start = b
+    pieces.append(view[start:])
+    return pieces
 
 
 def _parse_address(address: Address) -> tuple[str, int]:
@@ -193,16 +319,17 @@ class PyProxySession:
         Does not wait for the atom; raises :class:`SessionClosed` if the session is gone.
         """
         conn = self._connection()
+        payload: bytes | list[Any]
         if isinstance(atom, str):
             kind, payload = _SOURCE, atom.encode("utf-8")
         elif isinstance(atom, types.CodeType):
-            kind, payload = _CODE, cloudpickle.dumps(atom, protocol=_PICKLE_PROTOCOL)
+            kind, payload = _CODE, _dumps(atom)
         elif callable(atom):
-            kind, payload = _FUNCTION, cloudpickle.dumps(atom, protocol=_PICKLE_PROTOCOL)
+            kind, payload = _FUNCTION, _dumps(atom)
         else:
             raise TypeError(f"an atom is source text, a code object or a callable, not {type(atom).__name__}")
-        g = None if globals is None else cloudpickle.dumps(dict(globals), protocol=_PICKLE_PROTOCOL)
-        loc = None if locals is None else cloudpickle.dumps(locals, protocol=_PICKLE_PROTOCOL)
+        g = None if globals is None else _dumps(dict(globals))
+        loc = None if locals is None else _dumps(locals)
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout}")
         # An infinite (or absurdly long) timeout is no timeout.
