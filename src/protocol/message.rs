@@ -514,45 +514,49 @@ impl Message {
 }
 
 /// Writes an EVAL frame from borrowed parts with vectored writes, so a large
-/// payload, globals or locals goes from the caller's buffer to the socket
-/// without being copied into a frame first. Same bytes as
-/// `Message::Eval(..).to_frame(request_id)`.
+/// payload, globals or locals goes from the caller's buffers to the socket
+/// without being copied into a frame first. Each field is given as the
+/// pieces it is the concatenation of (e.g. a pickle stream with large buffers
+/// spliced in). Same bytes as `Message::Eval(..).to_frame(request_id)` with
+/// each field's pieces joined.
 pub fn write_eval<W: std::io::Write>(
     w: &mut W,
     request_id: u64,
     kind: AtomKind,
     timeout_ms: Option<u64>,
-    globals: Option<&[u8]>,
-    locals: Option<&[u8]>,
-    payload: &[u8],
+    globals: Option<&[&[u8]]>,
+    locals: Option<&[&[u8]]>,
+    payload: &[&[u8]],
 ) -> Result<()> {
+    let total = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>();
+    let field_len = |parts: &[&[u8]]| {
+        u32::try_from(total(parts)).map_err(|_| Error::FrameTooLarge {
+            size: total(parts) as u64,
+            max: u32::MAX,
+        })
+    };
     let mut head = PayloadWriter::with_capacity(16);
     head.u8(kind as u8).opt_u64(timeout_ms);
     let head = head.finish();
-    let prefix = |v: Option<&[u8]>| {
+    let prefix = |v: Option<&[&[u8]]>| -> Result<Vec<u8>> {
         let mut p = PayloadWriter::with_capacity(5);
         match v {
             None => p.u8(0),
-            Some(b) => p.u8(1).u32(b.len() as u32),
+            Some(b) => p.u8(1).u32(field_len(b)?),
         };
-        p.finish()
+        Ok(p.finish())
     };
-    let (gp, lp) = (prefix(globals), prefix(locals));
-    let pp = (payload.len() as u32).to_be_bytes();
-    super::frame::write_frame_slices(
-        w,
-        Kind::Eval,
-        request_id,
-        &[
-            &head,
-            &gp,
-            globals.unwrap_or_default(),
-            &lp,
-            locals.unwrap_or_default(),
-            &pp,
-            payload,
-        ],
-    )
+    let (gp, lp) = (prefix(globals)?, prefix(locals)?);
+    let pp = field_len(payload)?.to_be_bytes();
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(8);
+    slices.push(&head);
+    slices.push(&gp);
+    slices.extend_from_slice(globals.unwrap_or_default());
+    slices.push(&lp);
+    slices.extend_from_slice(locals.unwrap_or_default());
+    slices.push(&pp);
+    slices.extend_from_slice(payload);
+    super::frame::write_frame_slices(w, Kind::Eval, request_id, &slices)
 }
 
 /// The bytes of `range` as their own Vec, reusing `payload`'s allocation.
@@ -863,7 +867,12 @@ mod tests {
         #[test]
         fn write_eval_matches_to_frame(g in proptest::option::of(blob()), l in proptest::option::of(blob()), p in blob(), t in proptest::option::of(any::<u64>()), id in any::<u64>()) {
             let mut out = Vec::new();
-            write_eval(&mut out, id, AtomKind::Function, t, g.as_deref(), l.as_deref(), &p).unwrap();
+            // Each field split into pieces at an arbitrary point.
+            let split = |v: &[u8]| { let at = v.len() / 3; vec![v[..at].to_vec(), v[at..].to_vec()] };
+            let (gs, ls, ps) = (g.as_deref().map(split), l.as_deref().map(split), split(&p));
+            fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> { v.iter().map(Vec::as_slice).collect() }
+            let (gr, lr, pr) = (gs.as_deref().map(refs), ls.as_deref().map(refs), refs(&ps));
+            write_eval(&mut out, id, AtomKind::Function, t, gr.as_deref(), lr.as_deref(), &pr).unwrap();
             let msg = Message::Eval(Eval { kind: AtomKind::Function, payload: p, globals: g, locals: l, timeout_ms: t });
             prop_assert_eq!(out, msg.to_frame(id).to_bytes());
         }
