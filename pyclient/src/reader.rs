@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pyproxy::protocol::{Frame, Header, Kind, Message, HEADER_SIZE};
+use pyproxy::protocol::{AtomResult, Frame, Header, Kind, Message, Outcome, HEADER_SIZE};
 
 use crate::error::code_name;
 use crate::notify::Pipe;
@@ -79,12 +79,88 @@ impl Cause {
 /// buffer of their final size instead of through `scratch` and `data`.
 const BIG_FRAME: usize = 1024 * 1024;
 
+/// Bytes of a RESULT payload before a value: duration_us, outcome, the value's length.
+const RESULT_HEAD: usize = 8 + 1 + 4;
+
 /// A large frame being read in place: its header, and its payload so far.
+/// A main-stream RESULT is split: its first [`RESULT_HEAD`] bytes go to
+/// `head` and the rest (the pickled value) to `payload`, so the value lands
+/// in a buffer of its own and never has to be moved to the front.
 struct BigFrame {
     kind: Kind,
     request_id: u64,
+    head: Vec<u8>,
+    head_filled: usize,
     payload: Vec<u8>,
     filled: usize,
+}
+
+impl BigFrame {
+    fn new(kind: Kind, request_id: u64, len: usize, split: bool, have: &[u8]) -> BigFrame {
+        let head_len = if split { RESULT_HEAD } else { 0 };
+        let mut b = BigFrame {
+            kind,
+            request_id,
+            head: vec![0u8; head_len],
+            head_filled: 0,
+            payload: vec![0u8; len - head_len],
+            filled: 0,
+        };
+        let h = have.len().min(head_len);
+        b.head[..h].copy_from_slice(&have[..h]);
+        b.head_filled = h;
+        b.payload[..have.len() - h].copy_from_slice(&have[h..]);
+        b.filled = have.len() - h;
+        b
+    }
+
+    fn unfilled(&mut self) -> &mut [u8] {
+        if self.head_filled < self.head.len() {
+            &mut self.head[self.head_filled..]
+        } else {
+            &mut self.payload[self.filled..]
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        if self.head_filled < self.head.len() {
+            self.head_filled += n;
+        } else {
+            self.filled += n;
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.head_filled == self.head.len() && self.filled == self.payload.len()
+    }
+
+    fn finish(self) -> Incoming {
+        if self.head.len() == RESULT_HEAD {
+            let duration_us = u64::from_be_bytes(self.head[..8].try_into().expect("8 bytes"));
+            let value_len = u32::from_be_bytes(self.head[9..].try_into().expect("4 bytes"));
+            if self.head[8] == 0 && value_len as usize == self.payload.len() {
+                return Incoming::Value {
+                    request_id: self.request_id,
+                    duration_us,
+                    pickled: self.payload,
+                };
+            }
+        }
+        // Not a value (or not well-formed): the frame as it came, for the decoder.
+        let mut payload = self.head;
+        payload.extend_from_slice(&self.payload);
+        Incoming::Frame(Frame::new(self.kind, self.request_id, payload))
+    }
+}
+
+/// What an inbox yields: frames, or a large RESULT value already split out.
+enum Incoming {
+    Frame(Frame),
+    Value {
+        request_id: u64,
+        duration_us: u64,
+        pickled: Vec<u8>,
+    },
 }
 
 /// Bytes read from one stream and not yet cut into frames.
@@ -109,23 +185,32 @@ impl Inbox {
     /// Where the next read from the socket should go.
     fn read_buf<'a>(&'a mut self, scratch: &'a mut [u8]) -> &'a mut [u8] {
         match &mut self.big {
-            Some(b) => &mut b.payload[b.filled..],
+            Some(b) => b.unfilled(),
             None => scratch,
         }
     }
 
     /// Takes `n` bytes just read into [`Inbox::read_buf`]; returns every frame now complete.
-    fn received(&mut self, scratch: &[u8], n: usize, max_frame: u32) -> Result<Vec<Frame>, Cause> {
+    fn received(
+        &mut self,
+        scratch: &[u8],
+        n: usize,
+        max_frame: u32,
+    ) -> Result<Vec<Incoming>, Cause> {
         if let Some(b) = &mut self.big {
-            b.filled += n;
-            if b.filled < b.payload.len() {
+            b.advance(n);
+            if !b.complete() {
                 return Ok(Vec::new());
             }
             let b = self.big.take().expect("checked above");
-            return Ok(vec![Frame::new(b.kind, b.request_id, b.payload)]);
+            return Ok(vec![b.finish()]);
         }
         self.data.extend_from_slice(&scratch[..n]);
-        self.frames(max_frame)
+        Ok(self
+            .frames(max_frame)?
+            .into_iter()
+            .map(Incoming::Frame)
+            .collect())
     }
 
     /// Every complete frame in the buffer.
@@ -148,15 +233,9 @@ impl Inbox {
         if let Ok(Some(h)) = Header::parse(rest, max_frame) {
             let len = h.payload_len as usize;
             if len >= BIG_FRAME {
+                let split = h.kind == Kind::Result && self.name == "main-stream";
                 let have = &rest[HEADER_SIZE..];
-                let mut payload = vec![0u8; len];
-                payload[..have.len()].copy_from_slice(have);
-                self.big = Some(BigFrame {
-                    kind: h.kind,
-                    request_id: h.request_id,
-                    filled: have.len(),
-                    payload,
-                });
+                self.big = Some(BigFrame::new(h.kind, h.request_id, len, split, have));
                 self.start = self.data.len();
             }
         }
@@ -305,16 +384,26 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
             // value is moved within its buffer, which should not hold up wait().
             let frames: Vec<(Frame, Option<Result<Message, Cause>>)> = frames
                 .into_iter()
-                .map(|mut f| {
-                    if i == 0 {
+                .map(|incoming| match incoming {
+                    Incoming::Value {
+                        request_id,
+                        duration_us,
+                        pickled,
+                    } => (
+                        Frame::new(Kind::Result, request_id, Vec::new()),
+                        Some(Ok(Message::Result(AtomResult {
+                            duration_us,
+                            outcome: Outcome::Value { pickled },
+                        }))),
+                    ),
+                    Incoming::Frame(mut f) if i == 0 => {
                         let payload = std::mem::take(&mut f.payload);
                         let msg = Message::decode_owned(f.kind, payload).map_err(|e| {
                             Cause::Protocol(format!("undecodable {} on main-stream: {e}", f.kind))
                         });
                         (f, Some(msg))
-                    } else {
-                        (f, None)
                     }
+                    Incoming::Frame(f) => (f, None),
                 })
                 .collect();
             // One lock and one wake-up per read, however many frames it held.
@@ -440,6 +529,35 @@ pub(crate) mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
+    fn a_large_result_that_is_not_a_value_is_reassembled_for_the_decoder() {
+        let msg = Message::Result(AtomResult {
+            duration_us: 3,
+            outcome: Outcome::Exception(RemoteException {
+                origin: FailureOrigin::Raised,
+                type_name: "builtins.ValueError".into(),
+                message: "x".repeat(2 * BIG_FRAME),
+                traceback: String::new(),
+                pickled: None,
+            }),
+        });
+        let bytes = msg.to_frame(9).to_bytes();
+        let mut inbox = Inbox::new("main-stream");
+        let mut scratch = vec![0u8; READ_SIZE];
+        let (mut off, mut got) = (0, Vec::new());
+        while off < bytes.len() {
+            let buf = inbox.read_buf(&mut scratch);
+            let n = buf.len().min(bytes.len() - off).min(5);
+            buf[..n].copy_from_slice(&bytes[off..off + n]);
+            off += n;
+            got.extend(inbox.received(&scratch, n, DEFAULT_MAX_FRAME).unwrap());
+        }
+        let [Incoming::Frame(f)] = &got[..] else {
+            panic!("expected one frame")
+        };
+        assert_eq!(Message::decode(f).unwrap(), msg);
+    }
+
+    #[test]
     fn a_large_frame_is_read_in_place_across_reads_and_the_next_one_follows() {
         let value: Vec<u8> = (0..3 * BIG_FRAME).map(|i| (i % 253) as u8).collect();
         let big = Message::Result(AtomResult {
@@ -464,10 +582,20 @@ pub(crate) mod tests {
         }
         assert!(in_place && inbox.big.is_none());
         assert_eq!(frames.len(), 2);
-        let f = frames.remove(0);
-        assert_eq!(f.request_id, 5);
-        assert_eq!(Message::decode_owned(f.kind, f.payload).unwrap(), big);
-        assert_eq!(Message::decode(&frames[0]).unwrap(), small);
+        // The value arrives split out of the RESULT, in a buffer of its own.
+        let Incoming::Value {
+            request_id: 5,
+            duration_us: 1,
+            pickled,
+        } = frames.remove(0)
+        else {
+            panic!("expected the RESULT's value")
+        };
+        assert!(pickled == value);
+        let Incoming::Frame(f) = &frames[0] else {
+            panic!("expected a frame")
+        };
+        assert_eq!(Message::decode(f).unwrap(), small);
     }
 
     pub(crate) const PANIC_LOG: &str = "__pyproxy_test_panic__";
