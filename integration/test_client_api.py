@@ -404,3 +404,15 @@ def test_session_iterator_sees_atoms_whose_futures_were_dropped(session):
     del first
     session.eval("print('fire and forget')")  # future dropped at once
     assert next(lines) == (1, "fire and forget")
+
+
+def test_repeated_source_atoms_keep_their_meaning(session):
+    # The server compiles a source text once; every run must still get a fresh
+    # namespace, fresh mutable defaults and the globals of that call.
+    counter = "x = globals().get('x', 0) + 1\nx"
+    assert [session.eval(counter).wait(10) for _ in range(3)] == [1, 1, 1]
+    defaults = "def f(acc=[]):\n    acc.append(1)\n    return len(acc)\nf() + f()"
+    assert [session.eval(defaults).wait(10) for _ in range(3)] == [3, 3, 3]
+    assert [session.eval("g * 2", globals={"g": g}).wait(10) for g in (1, 5, 7)] == [2, 10, 14]
+    with pytest.raises(NameError):
+        session.eval("g * 2").wait(10)
