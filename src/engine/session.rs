@@ -151,19 +151,8 @@ impl SessionCore {
 
     fn deliver_failure(&self, atom: u64, origin: FailureOrigin, type_name: &str, message: String) {
         self.sink.end_of_output(atom);
-        self.sink.result(
-            atom,
-            AtomResult {
-                duration_us: 0,
-                outcome: Outcome::Exception(RemoteException {
-                    origin,
-                    type_name: type_name.to_owned(),
-                    message,
-                    traceback: String::new(),
-                    pickled: None,
-                }),
-            },
-        );
+        self.sink
+            .result(atom, AtomResult::failure(origin, type_name, message, 0));
     }
 
     fn submit(self: &Arc<Self>, atom: AtomRequest) {

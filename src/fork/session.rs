@@ -705,16 +705,7 @@ fn failure(
     message: String,
     duration_us: u64,
 ) -> AtomResult {
-    AtomResult {
-        duration_us,
-        outcome: Outcome::Exception(RemoteException {
-            origin,
-            type_name: type_name.to_owned(),
-            message,
-            traceback: String::new(),
-            pickled: None,
-        }),
-    }
+    AtomResult::failure(origin, type_name, message, duration_us)
 }
 
 /// The outcome of an atom the server interrupted, as the engine reports it.

@@ -217,6 +217,28 @@ pub struct AtomResult {
     pub outcome: Outcome,
 }
 
+impl AtomResult {
+    /// A failure the server reports on its own account (timeout, cancel, version
+    /// mismatch, a dead worker…): no remote traceback, nothing pickled.
+    pub fn failure(
+        origin: FailureOrigin,
+        type_name: &str,
+        message: String,
+        duration_us: u64,
+    ) -> AtomResult {
+        AtomResult {
+            duration_us,
+            outcome: Outcome::Exception(RemoteException {
+                origin,
+                type_name: type_name.to_owned(),
+                message,
+                traceback: String::new(),
+                pickled: None,
+            }),
+        }
+    }
+}
+
 /// A protocol-level failure. Request id 0 when it concerns the connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMsg {

@@ -43,7 +43,7 @@ use slog::{debug, info, o, warn, Logger};
 use crate::engine::{AtomRequest, SessionSink};
 use crate::protocol::{
     self, auth, AtomKind, AtomResult, ErrorCode, ErrorMsg, FailureOrigin, Frame, FrameReader,
-    FrameWriter, Hello, Message, Outcome, Output, RemoteException, NONCE_LEN,
+    FrameWriter, Hello, Message, Output, NONCE_LEN,
 };
 
 use super::handshake::Challenger;
@@ -204,16 +204,7 @@ pub fn split_pieces(lines: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
 }
 
 fn exception(origin: FailureOrigin, type_name: &str, message: String) -> AtomResult {
-    AtomResult {
-        duration_us: 0,
-        outcome: Outcome::Exception(RemoteException {
-            origin,
-            type_name: type_name.to_owned(),
-            message,
-            traceback: String::new(),
-            pickled: None,
-        }),
-    }
+    AtomResult::failure(origin, type_name, message, 0)
 }
 
 /// Accepted atoms in arrival order, so RESULTs leave in that order.
