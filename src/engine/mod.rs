@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::protocol::{AtomKind, AtomResult};
+use crate::protocol::{AtomKind, AtomResult, FailureOrigin};
 
 /// Settings the engine is started with (from the command line).
 #[derive(Clone, Debug)]
@@ -68,6 +68,45 @@ pub trait SessionSink: Send + Sync + 'static {
 
 /// Shared handle to a sink.
 pub type Sink = Arc<dyn SessionSink>;
+
+/// Why the server interrupted a running atom (either backend); decides how
+/// its failure is reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interruption {
+    Cancelled,
+    Timeout(Duration),
+    /// The session was closed.
+    Closed,
+    Shutdown,
+}
+
+impl Interruption {
+    /// The origin, exception type and message an interrupted atom reports.
+    pub(crate) fn failure(self, atom: u64) -> (FailureOrigin, &'static str, String) {
+        match self {
+            Interruption::Timeout(t) => (
+                FailureOrigin::Timeout,
+                "builtins.TimeoutError",
+                format!("atom {atom} timed out after {:.1} s", t.as_secs_f64()),
+            ),
+            Interruption::Cancelled => (
+                FailureOrigin::Cancelled,
+                "builtins.KeyboardInterrupt",
+                format!("atom {atom} was cancelled"),
+            ),
+            Interruption::Closed => (
+                FailureOrigin::Cancelled,
+                "builtins.KeyboardInterrupt",
+                format!("atom {atom} was interrupted: its session was closed"),
+            ),
+            Interruption::Shutdown => (
+                FailureOrigin::Shutdown,
+                "builtins.KeyboardInterrupt",
+                format!("atom {atom} was interrupted: the server is shutting down"),
+            ),
+        }
+    }
+}
 
 mod error;
 mod interp;

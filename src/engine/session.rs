@@ -30,15 +30,7 @@ use crate::protocol::{AtomResult, FailureOrigin, Outcome, RemoteException};
 /// interpreter (GIL, thread state, caches) to the other executor per atom.
 const SLICE: Duration = Duration::from_millis(2);
 
-/// Why a running atom was interrupted; decides the failure's origin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Interruption {
-    Cancelled,
-    Timeout(Duration),
-    /// The session was closed.
-    Closed,
-    Shutdown,
-}
+pub(crate) use super::Interruption;
 
 struct Queued {
     req: AtomRequest,
@@ -454,28 +446,7 @@ fn outcome(atom: u64, raw: RawOutcome, reason: Option<Interruption>) -> Outcome 
     match (raw, reason) {
         (RawOutcome::Value(pickled), _) => Outcome::Value { pickled },
         (RawOutcome::Raised { traceback, .. }, Some(reason)) => {
-            let (origin, type_name, message) = match reason {
-                Interruption::Timeout(t) => (
-                    FailureOrigin::Timeout,
-                    "builtins.TimeoutError",
-                    format!("atom {atom} timed out after {:.1} s", t.as_secs_f64()),
-                ),
-                Interruption::Cancelled => (
-                    FailureOrigin::Cancelled,
-                    "builtins.KeyboardInterrupt",
-                    format!("atom {atom} was cancelled"),
-                ),
-                Interruption::Closed => (
-                    FailureOrigin::Cancelled,
-                    "builtins.KeyboardInterrupt",
-                    format!("atom {atom} was interrupted: its session was closed"),
-                ),
-                Interruption::Shutdown => (
-                    FailureOrigin::Shutdown,
-                    "builtins.KeyboardInterrupt",
-                    format!("atom {atom} was interrupted: the server is shutting down"),
-                ),
-            };
+            let (origin, type_name, message) = reason.failure(atom);
             Outcome::Exception(RemoteException {
                 origin,
                 type_name: type_name.to_owned(),

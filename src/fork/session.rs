@@ -33,13 +33,7 @@ use crate::server::BackendSession;
 use super::wire::{self, WorkerOutcome};
 use super::{describe_status, lock, Core, Worker};
 
-/// Why the server interrupted a running atom; decides its result's origin.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Interruption {
-    Cancelled,
-    Timeout(Duration),
-    Shutdown,
-}
+pub(crate) use crate::engine::Interruption;
 
 #[derive(Default)]
 struct CtlState {
@@ -715,23 +709,7 @@ fn interrupted(
     traceback: String,
     killed: Option<&str>,
 ) -> Outcome {
-    let (origin, type_name, mut message) = match reason {
-        Interruption::Timeout(t) => (
-            FailureOrigin::Timeout,
-            "builtins.TimeoutError",
-            format!("atom {atom} timed out after {:.1} s", t.as_secs_f64()),
-        ),
-        Interruption::Cancelled => (
-            FailureOrigin::Cancelled,
-            "builtins.KeyboardInterrupt",
-            format!("atom {atom} was cancelled"),
-        ),
-        Interruption::Shutdown => (
-            FailureOrigin::Shutdown,
-            "builtins.KeyboardInterrupt",
-            format!("atom {atom} was interrupted: the server is shutting down"),
-        ),
-    };
+    let (origin, type_name, mut message) = reason.failure(atom);
     if let Some(how) = killed {
         message = format!("{message}; it did not stop at SIGINT and its {how}");
     }
