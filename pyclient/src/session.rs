@@ -721,6 +721,25 @@ impl Session {
 
     /// The atom's completion, waiting up to `timeout` (`None`: without limit).
     /// `Ok(None)`: the time ran out first.
+    /// Waits (GIL already released by the caller) until the reader changes the
+    /// state or `deadline` passes; None once it has passed.
+    fn wait_changed<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        deadline: Option<Instant>,
+    ) -> Option<MutexGuard<'a, State>> {
+        let changed = &self.shared.changed;
+        Some(match deadline {
+            None => changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+            Some(d) => {
+                changed
+                    .wait_timeout(st, deadline_left(d)?)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        })
+    }
+
     pub fn wait(&self, atom: u64, timeout: Option<Duration>) -> Result<Option<Arc<Completion>>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.shared.lock();
@@ -738,22 +757,9 @@ impl Session {
                     }
                 }
             }
-            st = match deadline {
-                None => self
-                    .shared
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let Some(left) = deadline_left(d) else {
-                        return Ok(None);
-                    };
-                    self.shared
-                        .changed
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
+            st = match self.wait_changed(st, deadline) {
+                Some(st) => st,
+                None => return Ok(None),
             };
         }
     }
@@ -849,22 +855,9 @@ impl Session {
             if st.dead.is_some() {
                 return Err(self.closed_error(&st));
             }
-            st = match deadline {
-                None => self
-                    .shared
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let Some(left) = deadline_left(d) else {
-                        return Ok((Vec::new(), false));
-                    };
-                    self.shared
-                        .changed
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
+            st = match self.wait_changed(st, deadline) {
+                Some(st) => st,
+                None => return Ok((Vec::new(), false)),
             };
         }
     }

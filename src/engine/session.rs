@@ -414,16 +414,7 @@ fn execute(
     }
     let reason = core.lock().running.as_ref().and_then(|r| r.reason);
     let outcome = outcome(req.id, raw, reason);
-    let label = match &outcome {
-        Outcome::Value { .. } => "value",
-        Outcome::Exception(e) => match e.origin {
-            FailureOrigin::Raised => "raised",
-            FailureOrigin::Timeout => "timeout",
-            FailureOrigin::Cancelled => "cancelled",
-            FailureOrigin::Shutdown => "shutdown",
-            _ => "error",
-        },
-    };
+    let label = outcome.label();
     core.sink.end_of_output(req.id);
     core.sink.result(
         req.id,

@@ -474,35 +474,12 @@ impl Runner {
             Ok(Some((wire::TAG_RESULT, body))) => match wire::decode_result(&body) {
                 Some(outcome) => self.finish(r, outcome),
                 None => {
-                    let pid = w.pid;
-                    self.core.terminate(pid);
-                    self.core.forget(pid);
-                    self.worker = None;
-                    self.end_atom(
-                        &r,
-                        failure(
-                            FailureOrigin::ServerError,
-                            "builtins.RuntimeError",
-                            format!("worker pid {pid} sent a malformed result for atom {}", r.id),
-                            micros(r.started),
-                        ),
-                    );
+                    let why = format!("a malformed result for atom {}", r.id);
+                    self.worker_misbehaved(r, why);
                 }
             },
             Ok(Some((tag, _))) => {
-                let pid = w.pid;
-                self.core.terminate(pid);
-                self.core.forget(pid);
-                self.worker = None;
-                self.end_atom(
-                    &r,
-                    failure(
-                        FailureOrigin::ServerError,
-                        "builtins.RuntimeError",
-                        format!("worker pid {pid} sent an unexpected message (tag {tag})"),
-                        micros(r.started),
-                    ),
-                );
+                self.worker_misbehaved(r, format!("an unexpected message (tag {tag})"))
             }
             Ok(None) | Err(_) => self.worker_died(r),
         }
@@ -572,19 +549,31 @@ impl Runner {
         }
         self.deliver(r.id);
         self.sink.end_of_output(r.id);
-        let label = match &result.outcome {
-            Outcome::Value { .. } => "value",
-            Outcome::Exception(e) => match e.origin {
-                FailureOrigin::Raised => "raised",
-                FailureOrigin::Timeout => "timeout",
-                FailureOrigin::Cancelled => "cancelled",
-                FailureOrigin::WorkerDied => "worker died",
-                FailureOrigin::Shutdown => "shutdown",
-                _ => "error",
-            },
-        };
+        let label = result.outcome.label();
         info!(self.log, "atom end"; "atom" => r.id, "duration_us" => result.duration_us, "outcome" => label);
         self.sink.result(r.id, result);
+    }
+
+    /// The worker broke the control protocol: end it and fail the atom; the
+    /// session's next atom gets a fresh worker.
+    fn worker_misbehaved(&mut self, r: Running, what: String) {
+        let pid = self
+            .worker
+            .as_ref()
+            .expect("a running atom has a worker")
+            .pid;
+        self.core.terminate(pid);
+        self.core.forget(pid);
+        self.worker = None;
+        self.end_atom(
+            &r,
+            failure(
+                FailureOrigin::ServerError,
+                "builtins.RuntimeError",
+                format!("worker pid {pid} sent {what}"),
+                micros(r.started),
+            ),
+        );
     }
 
     fn worker_died(&mut self, r: Running) {

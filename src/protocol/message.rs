@@ -217,6 +217,23 @@ pub struct AtomResult {
     pub outcome: Outcome,
 }
 
+impl Outcome {
+    /// A one-word description for the server's log ("value", "raised", "timeout", …).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Value { .. } => "value",
+            Outcome::Exception(e) => match e.origin {
+                FailureOrigin::Raised => "raised",
+                FailureOrigin::Timeout => "timeout",
+                FailureOrigin::Cancelled => "cancelled",
+                FailureOrigin::WorkerDied => "worker died",
+                FailureOrigin::Shutdown => "shutdown",
+                FailureOrigin::VersionMismatch | FailureOrigin::ServerError => "error",
+            },
+        }
+    }
+}
+
 impl AtomResult {
     /// A failure the server reports on its own account (timeout, cancel, version
     /// mismatch, a dead worker…): no remote traceback, nothing pickled.
