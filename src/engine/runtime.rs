@@ -489,7 +489,7 @@ fn pool_loop(
                                         their output will reach the interpreter's next session";
                                   "interp" => interp.serial, "threads" => threads);
                         }
-                        slog::trace!(log, "interpreter reset"; "interp" => interp.serial,
+                        slog::info!(log, "interpreter reset"; "interp" => interp.serial,
                                      "us" => started.elapsed().as_micros() as u64);
                         let mut pool = lock(&shared.pool);
                         pool.ready.push(interp);
