@@ -2,11 +2,14 @@
 //! pump, pool and watchdog threads, and an orderly shutdown.
 //!
 //! Interpreters are created, reset and ended only by the *pool thread*, which
-//! owns each interpreter's home thread state. At session close an interpreter
-//! is reset (see `helper.py`: modules, builtins, sys attributes, cwd, environ
-//! restored to the warm snapshot; per-thread state dropped) and reused, because
-//! ending one leaks 1.6–4.8 MB for good. Idle interpreters beyond
-//! [`Engine::idle_cap`] are ended at most one per [`TRIM_INTERVAL`].
+//! owns each interpreter's home thread state. A session borrows an interpreter
+//! only while it has atoms ([`Shared::acquire`]) and parks it when its queue
+//! runs empty ([`Shared::park`]); a parked interpreter goes back to its session
+//! as it is, or is reset before anyone else gets it. An interpreter is reset
+//! (see `helper.py`: modules, builtins, sys attributes, cwd, environ restored
+//! to the warm snapshot; per-thread state dropped) and reused, never ended per
+//! session, because ending one leaks 1.6–4.8 MB for good. Idle interpreters
+//! beyond [`Engine::idle_cap`] are ended at most one per [`TRIM_INTERVAL`].
 //!
 //! Threads: `executors` executor threads (each with a pump thread), one pool
 //! thread, one watchdog thread. All stop in [`Engine::shutdown`], in this order:
@@ -48,8 +51,19 @@ pub(crate) enum PoolMsg {
     Shutdown,
 }
 
+/// An interpreter a session used and let go of when its queue ran empty. It
+/// keeps what that session's atoms left behind, so only that session may take
+/// it back as it is; anyone else gets it only after a reset.
+struct Parked {
+    interp: Arc<Interp>,
+    owner: u64,
+    since: Instant,
+}
+
 struct PoolState {
+    /// Reset (or fresh) interpreters, ready for any session.
     ready: Vec<Arc<Interp>>,
+    parked: Vec<Parked>,
     /// Interpreters sent back for reset and not yet ready again: counted as
     /// ready when deciding whether to create one (creating takes ~70 ms and
     /// adds 6–7 MB; a reset takes a few ms).
@@ -88,6 +102,73 @@ impl Shared {
     /// executor holding the session lets go): the pool counts it from now on.
     pub(crate) fn promise_recycle(&self) {
         lock(&self.pool).recycling += 1;
+    }
+
+    /// An interpreter for the session `owner`'s next atom: the one it parked,
+    /// if no one has taken it since, else a ready one. Waits only while none is
+    /// ready (the pool thread resets a parked one or creates one), up to 30 s.
+    pub(crate) fn acquire(&self, owner: u64) -> Result<Arc<Interp>, EngineError> {
+        let started = Instant::now();
+        let mut pool = lock(&self.pool);
+        if let Some(at) = pool.parked.iter().position(|p| p.owner == owner) {
+            return Ok(pool.parked.swap_remove(at).interp);
+        }
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return Err(EngineError::ShuttingDown);
+            }
+            if let Some(i) = pool.ready.pop() {
+                drop(pool);
+                let _ = self.pool_tx.send(PoolMsg::Refill);
+                let waited = started.elapsed();
+                if waited >= Duration::from_millis(1) {
+                    info!(self.log, "waited for an interpreter"; "session_key" => owner,
+                          "waited_us" => waited.as_micros() as u64);
+                }
+                return Ok(i);
+            }
+            if let Some(message) = &pool.failed {
+                return Err(EngineError::Interpreter {
+                    message: message.clone(),
+                });
+            }
+            let waited = started.elapsed();
+            if waited >= OPEN_WAIT {
+                return Err(EngineError::PoolTimeout {
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            let _ = self.pool_tx.send(PoolMsg::Refill);
+            pool = self
+                .pool_cv
+                .wait_timeout(pool, OPEN_WAIT - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Keeps the interpreter of a session whose queue ran empty for that
+    /// session's next atom (see [`Parked`]).
+    pub(crate) fn park(&self, owner: u64, interp: Arc<Interp>) {
+        lock(&self.pool).parked.push(Parked {
+            interp,
+            owner,
+            since: Instant::now(),
+        });
+    }
+
+    /// At session close: sends the interpreter the session parked, if it still
+    /// has one, to be reset.
+    pub(crate) fn unpark_for_reset(&self, owner: u64) {
+        let interp = {
+            let mut pool = lock(&self.pool);
+            let Some(at) = pool.parked.iter().position(|p| p.owner == owner) else {
+                return;
+            };
+            pool.recycling += 1;
+            pool.parked.swap_remove(at).interp
+        };
+        self.recycle(interp);
     }
 
     /// Hands a closed session's interpreter back (after [`promise_recycle`]).
@@ -191,6 +272,7 @@ impl Engine {
             pool_tx,
             pool: Mutex::new(PoolState {
                 ready: Vec::new(),
+                parked: Vec::new(),
                 recycling: 0,
                 failed: None,
             }),
@@ -263,8 +345,12 @@ impl Engine {
         idle_cap(&self.shared.config)
     }
 
-    /// Binds a ready interpreter (from the warm pool) to a new session. Waits
-    /// only if the pool is empty (up to 30 s).
+    /// Opens a session. It holds no interpreter yet: each time its queue goes
+    /// from empty to non-empty an executor takes one for it ([`Shared::acquire`]:
+    /// the one it used last if no other session has needed it since, else a
+    /// ready one from the warm pool) and parks it again when the queue is empty.
+    /// So idle sessions cost no interpreter, and a session's interpreter is reset
+    /// before any other session runs in it.
     pub fn open_session(
         &self,
         session_id: u64,
@@ -272,46 +358,20 @@ impl Engine {
         log: slog::Logger,
     ) -> Result<EngineSession, EngineError> {
         let shared = &self.shared;
-        let started = Instant::now();
-        let interp = {
-            let mut pool = lock(&shared.pool);
-            loop {
-                if shared.stopping.load(Ordering::Acquire) {
-                    return Err(EngineError::ShuttingDown);
-                }
-                if let Some(i) = pool.ready.pop() {
-                    break i;
-                }
-                if let Some(message) = &pool.failed {
-                    return Err(EngineError::Interpreter {
-                        message: message.clone(),
-                    });
-                }
-                let waited = started.elapsed();
-                if waited >= OPEN_WAIT {
-                    return Err(EngineError::PoolTimeout {
-                        waited_ms: waited.as_millis() as u64,
-                    });
-                }
-                pool = shared
-                    .pool_cv
-                    .wait_timeout(pool, OPEN_WAIT - waited)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        {
+            let pool = lock(&shared.pool);
+            if let (Some(message), true) = (&pool.failed, pool.ready.is_empty()) {
+                return Err(EngineError::Interpreter {
+                    message: message.clone(),
+                });
             }
-        };
-        let _ = shared.pool_tx.send(PoolMsg::Refill);
-        info!(log, "session opened"; "interp" => interp.serial,
-              "waited_us" => started.elapsed().as_micros() as u64);
+        }
         let key = self.session_keys.fetch_add(1, Ordering::Relaxed);
-        let core = Arc::new(SessionCore::new(
-            key,
-            session_id,
-            sink,
-            log,
-            shared.clone(),
-            interp,
-        ));
+        info!(log, "session opened"; "session_key" => key);
+        let core = Arc::new(SessionCore::new(key, session_id, sink, log, shared.clone()));
         lock(&shared.sessions).insert(key, Arc::downgrade(&core));
         Ok(EngineSession::new(core))
     }
@@ -481,45 +541,39 @@ fn pool_loop(
                 if stopping || interp.is_ended() {
                     continue;
                 }
-                let started = Instant::now();
-                match interp.reset() {
-                    Ok(threads) => {
-                        if threads > 0 {
-                            warn!(log, "a session left Python threads running in its interpreter; \
-                                        their output will reach the interpreter's next session";
-                                  "interp" => interp.serial, "threads" => threads);
-                        }
-                        slog::info!(log, "interpreter reset"; "interp" => interp.serial,
-                                     "us" => started.elapsed().as_micros() as u64);
+                reset_into_ready(&shared, &log, &mut all, interp);
+            }
+            None if need => {
+                // Resetting an idle session's parked interpreter takes well under
+                // a millisecond; creating one takes ~70 ms and 6–7 MB.
+                let stolen = {
+                    let mut pool = lock(&shared.pool);
+                    let oldest = (0..pool.parked.len()).min_by_key(|&i| pool.parked[i].since);
+                    oldest.map(|i| pool.parked.swap_remove(i).interp)
+                };
+                if let Some(interp) = stolen {
+                    reset_into_ready(&shared, &log, &mut all, interp);
+                    continue;
+                }
+                match create(&mut all) {
+                    Ok(i) => {
+                        retry_at = None;
                         let mut pool = lock(&shared.pool);
-                        pool.ready.push(interp);
+                        pool.failed = None;
+                        pool.ready.push(i);
                         shared.pool_cv.notify_one();
                     }
                     Err(e) => {
-                        warn!(log, "interpreter reset failed; ending it"; "interp" => interp.serial, "error" => e);
-                        all.retain(|i| !Arc::ptr_eq(i, &interp));
-                        interp.end();
+                        error!(log, "creating an interpreter failed"; "error" => %e);
+                        retry_at = Some(Instant::now() + Duration::from_secs(1));
+                        let mut pool = lock(&shared.pool);
+                        if pool.ready.is_empty() {
+                            pool.failed = Some(e.to_string());
+                            shared.pool_cv.notify_all();
+                        }
                     }
                 }
             }
-            None if need => match create(&mut all) {
-                Ok(i) => {
-                    retry_at = None;
-                    let mut pool = lock(&shared.pool);
-                    pool.failed = None;
-                    pool.ready.push(i);
-                    shared.pool_cv.notify_one();
-                }
-                Err(e) => {
-                    error!(log, "creating an interpreter failed"; "error" => %e);
-                    retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    let mut pool = lock(&shared.pool);
-                    if pool.ready.is_empty() {
-                        pool.failed = Some(e.to_string());
-                        shared.pool_cv.notify_all();
-                    }
-                }
-            },
             None => {
                 if retry_at.is_some_and(|t| Instant::now() >= t) {
                     retry_at = None;
@@ -528,10 +582,15 @@ fn pool_loop(
                     last_trim = Instant::now();
                     let surplus = {
                         let mut pool = lock(&shared.pool);
-                        if pool.ready.len() > idle_cap(config) {
+                        if pool.ready.len() + pool.parked.len() <= idle_cap(config) {
+                            None
+                        } else if pool.parked.is_empty() {
                             Some(pool.ready.remove(0))
                         } else {
-                            None
+                            let oldest = (0..pool.parked.len())
+                                .min_by_key(|&i| pool.parked[i].since)
+                                .unwrap_or(0);
+                            Some(pool.parked.swap_remove(oldest).interp)
                         }
                     };
                     if let Some(interp) = surplus {
@@ -543,12 +602,46 @@ fn pool_loop(
             }
         }
     }
-    lock(&shared.pool).ready.clear();
+    {
+        let mut pool = lock(&shared.pool);
+        pool.ready.clear();
+        pool.parked.clear();
+    }
     let count = all.len();
     for interp in all {
         interp.end();
     }
     info!(log, "all interpreters ended"; "count" => count);
+}
+
+/// Resets `interp` to its warm snapshot and makes it ready; ends it if the
+/// reset fails. Pool thread only.
+fn reset_into_ready(
+    shared: &Shared,
+    log: &Logger,
+    all: &mut Vec<Arc<Interp>>,
+    interp: Arc<Interp>,
+) {
+    let started = Instant::now();
+    match interp.reset() {
+        Ok(threads) => {
+            if threads > 0 {
+                warn!(log, "a session left Python threads running in its interpreter; \
+                            their output will reach the interpreter's next session";
+                      "interp" => interp.serial, "threads" => threads);
+            }
+            slog::debug!(log, "interpreter reset"; "interp" => interp.serial,
+                         "us" => started.elapsed().as_micros() as u64);
+            let mut pool = lock(&shared.pool);
+            pool.ready.push(interp);
+            shared.pool_cv.notify_one();
+        }
+        Err(e) => {
+            warn!(log, "interpreter reset failed; ending it"; "interp" => interp.serial, "error" => e);
+            all.retain(|i| !Arc::ptr_eq(i, &interp));
+            interp.end();
+        }
+    }
 }
 
 #[allow(dead_code)]

@@ -50,8 +50,9 @@ struct SessState {
     /// In the run queue or held by an executor.
     scheduled: bool,
     closed: bool,
-    /// The session's interpreter; given back to the pool when the session is
-    /// closed and no executor holds it.
+    /// The interpreter an executor took for this session while its queue is
+    /// not empty; parked in the pool when the queue runs empty, given back for
+    /// a reset when the session is closed and no executor holds it.
     interp: Option<Arc<Interp>>,
 }
 
@@ -78,7 +79,6 @@ impl SessionCore {
         sink: Sink,
         log: Logger,
         shared: Arc<Shared>,
-        interp: Arc<Interp>,
     ) -> SessionCore {
         SessionCore {
             key,
@@ -91,7 +91,7 @@ impl SessionCore {
                 running: None,
                 scheduled: false,
                 closed: false,
-                interp: Some(interp),
+                interp: None,
             }),
         }
     }
@@ -228,6 +228,10 @@ impl SessionCore {
             self.shared.promise_recycle();
         }
         let idle_interp = if st.scheduled { None } else { st.interp.take() };
+        if !st.scheduled {
+            // Under the session lock, so the executor cannot park it meanwhile.
+            self.shared.unpark_for_reset(self.key);
+        }
         drop(st);
         if let Some(atom) = running {
             info!(self.log, "session closed mid-atom, interrupting"; "atom" => atom);
@@ -328,8 +332,42 @@ fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &
         }
         return false;
     }
+    let Some(front_cancelled) = st.queue.front().map(|q| q.cancelled) else {
+        park(shared, core, &mut st);
+        return false;
+    };
+    if st.interp.is_none() && !front_cancelled {
+        drop(st);
+        let acquired = shared.acquire(core.key);
+        st = core.lock();
+        match acquired {
+            Ok(interp) if st.closed => {
+                st.scheduled = false;
+                drop(st);
+                shared.promise_recycle();
+                shared.recycle(interp);
+                return false;
+            }
+            Ok(interp) => st.interp = Some(interp),
+            Err(e) => {
+                let Some(q) = st.queue.pop_front() else {
+                    st.scheduled = false;
+                    return false;
+                };
+                drop(st);
+                warn!(core.log, "no interpreter for atom"; "atom" => q.req.id, "error" => %e);
+                core.deliver_failure(
+                    q.req.id,
+                    FailureOrigin::ServerError,
+                    "builtins.RuntimeError",
+                    format!("no interpreter could run atom {}: {e}", q.req.id),
+                );
+                return true;
+            }
+        }
+    }
     let Some(q) = st.queue.pop_front() else {
-        st.scheduled = false;
+        park(shared, core, &mut st);
         return false;
     };
     let interp = st.interp.clone();
@@ -364,10 +402,20 @@ fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &
         }
         false
     } else if st.queue.is_empty() {
-        st.scheduled = false;
+        park(shared, core, &mut st);
         false
     } else {
         true
+    }
+}
+
+/// The session's queue is empty: it is no longer scheduled and its interpreter
+/// (if it has one) is parked until its next atom. Called with the session lock
+/// held, so `close` sees either the session's interpreter or the parked one.
+fn park(shared: &Shared, core: &SessionCore, st: &mut SessState) {
+    st.scheduled = false;
+    if let Some(interp) = st.interp.take() {
+        shared.park(core.key, interp);
     }
 }
 
