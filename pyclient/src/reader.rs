@@ -250,45 +250,104 @@ impl Inbox {
     }
 }
 
-pub(crate) fn spawn(
-    shared: Arc<Shared>,
-    main: TcpStream,
-    out: TcpStream,
-    wake: Arc<Pipe>,
-    max_frame: u32,
-    session_id: u64,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        // /proc/self/task/*/comm shows at most 15 bytes.
-        .name(format!("pyproxy-{session_id}"))
-        .spawn(move || {
-            name_this_thread(&format!("pyproxy-{session_id}"));
-            let result = panic::catch_unwind(AssertUnwindSafe(|| {
-                run(&shared, &main, &out, &wake, max_frame)
-            }));
-            let mut cause = result.unwrap_or_else(|payload| {
-                let text = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_string());
-                Cause::Panic(text)
-            });
-            if shared.close_requested.load(Ordering::SeqCst)
-                && matches!(cause, Cause::PeerClosed(_) | Cause::Io(..))
-            {
-                // The server answered our CLOSE by closing before we saw the wake-up.
-                cause = Cause::ClientClosed;
-            }
-            teardown(&shared, cause, &main, &out);
-        })
+/// What the session's thread needs once the handshake is done.
+pub(crate) struct Start {
+    pub shared: Arc<Shared>,
+    pub main: TcpStream,
+    pub out: TcpStream,
+    pub wake: Arc<Pipe>,
+    pub max_frame: u32,
 }
 
-/// Names the OS thread, so `/proc/self/task/*/comm` and debuggers show whose it is.
-fn name_this_thread(name: &str) {
-    if let Ok(c) = std::ffi::CString::new(name) {
-        // SAFETY: PR_SET_NAME copies at most 16 bytes from a valid C string.
-        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
+/// The session's thread, started before the handshake so that its start-up
+/// (0.2–0.3 ms on the machines we measured) overlaps the network round trips
+/// instead of delaying the session's first result. Dropping it unused ends
+/// the thread and waits for it.
+pub(crate) struct Prestarted {
+    tx: Option<std::sync::mpsc::SyncSender<Start>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Prestarted {
+    pub(crate) fn spawn() -> io::Result<Prestarted> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Start>(1);
+        let handle = std::thread::Builder::new()
+            .name("pyproxy-connect".into())
+            .spawn(move || {
+                if let Ok(start) = rx.recv() {
+                    serve(start);
+                }
+            })?;
+        Ok(Prestarted {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+
+    /// Hands the connected session to the thread, named `pyproxy-<session id>`.
+    pub(crate) fn start(mut self, start: Start, session_id: u64) -> io::Result<JoinHandle<()>> {
+        let handle = self.handle.take().expect("started once");
+        // Named from here, so the name is in place when `connect` returns.
+        name_thread(&handle, &format!("pyproxy-{session_id}"));
+        let tx = self.tx.take().expect("started once");
+        if tx.send(start).is_err() {
+            let _ = handle.join();
+            return Err(io::Error::other(
+                "the session thread ended before it started",
+            ));
+        }
+        Ok(handle)
+    }
+}
+
+impl Drop for Prestarted {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn serve(start: Start) {
+    let Start {
+        shared,
+        main,
+        out,
+        wake,
+        max_frame,
+    } = start;
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        run(&shared, &main, &out, &wake, max_frame)
+    }));
+    let mut cause = result.unwrap_or_else(|payload| {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Cause::Panic(text)
+    });
+    if shared.close_requested.load(Ordering::SeqCst)
+        && matches!(cause, Cause::PeerClosed(_) | Cause::Io(..))
+    {
+        // The server answered our CLOSE by closing before we saw the wake-up.
+        cause = Cause::ClientClosed;
+    }
+    teardown(&shared, cause, &main, &out);
+}
+
+/// Names a thread, so `/proc/self/task/*/comm` and debuggers show whose it is
+/// (the kernel keeps 15 bytes).
+fn name_thread(handle: &JoinHandle<()>, name: &str) {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: the thread is alive (it waits for its start, or runs); the name
+    // is a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::pthread_setname_np(handle.as_pthread_t(), buf.as_ptr().cast());
     }
 }
 

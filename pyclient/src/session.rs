@@ -407,11 +407,26 @@ impl Session {
             format!("{}:{}", opts.host, opts.port)
         };
 
+        let thread = reader::Prestarted::spawn().map_err(|e| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: format!("could not start the session's thread: {e}"),
+        })?;
+
         // main-stream: CHALLENGE, HELLO, WELCOME.
         let main = connect_tcp(opts, deadline, &address)?;
         let peer = main.peer_addr().map_err(|e| ClientError::ConnectFailed {
             address: address.clone(),
             reason: e.to_string(),
+        })?;
+        // The output-stream is connected now, so its accept and CHALLENGE overlap
+        // the main-stream's handshake instead of following it (W5).
+        let out = TcpStream::connect_timeout(
+            &peer,
+            deadline_left(deadline).unwrap_or(Duration::from_millis(1)),
+        )
+        .map_err(|e| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: format!("could not open output-stream to {peer}: {e}"),
         })?;
         let challenge = match read_handshake_frame(
             &main,
@@ -496,14 +511,6 @@ impl Session {
         }
 
         // output-stream: CHALLENGE (ignored), ATTACH, ATTACHED.
-        let out = TcpStream::connect_timeout(
-            &peer,
-            deadline_left(deadline).unwrap_or(Duration::from_millis(1)),
-        )
-        .map_err(|e| ClientError::ConnectFailed {
-            address: address.clone(),
-            reason: format!("could not open output-stream to {peer}: {e}"),
-        })?;
         match read_handshake_frame(
             &out,
             deadline,
@@ -565,11 +572,16 @@ impl Session {
             limits: welcome.limits,
             peer,
         };
-        Session::start(info, main, out).map_err(io_err)
+        Session::start(info, main, out, thread).map_err(io_err)
     }
 
     /// Starts the reader thread over two connected, attached streams.
-    pub(crate) fn start(info: SessionInfo, main: TcpStream, out: TcpStream) -> io::Result<Session> {
+    pub(crate) fn start(
+        info: SessionInfo,
+        main: TcpStream,
+        out: TcpStream,
+        thread: reader::Prestarted,
+    ) -> io::Result<Session> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 next_atom: 1,
@@ -584,14 +596,14 @@ impl Session {
         let writer = main.try_clone()?;
         // Frames from the server may be as large as the ones it accepts.
         let max_frame = info.limits.max_frame.max(DEFAULT_MAX_FRAME);
-        let thread = reader::spawn(
-            shared.clone(),
+        let start = reader::Start {
+            shared: shared.clone(),
             main,
             out,
-            wake.clone(),
+            wake: wake.clone(),
             max_frame,
-            info.session_id,
-        )?;
+        };
+        let thread = thread.start(start, info.session_id)?;
         Ok(Session {
             info,
             shared,
