@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 import pyproxy
@@ -404,6 +405,87 @@ def test_session_iterator_sees_atoms_whose_futures_were_dropped(session):
     del first
     session.eval("print('fire and forget')")  # future dropped at once
     assert next(lines) == (1, "fire and forget")
+
+
+_MAIN_FUNCTIONS = (
+    "x = 1\n"
+    "def read_x():\n    return x\n"
+    "def append(acc=[]):\n    acc.append(1)\n    return len(acc)\n"
+    "items = [1]\n"
+    "def count():\n    return len(items)\n"
+    "def default(v=1):\n    return v\n"
+    "def keyword(*, v=1):\n    return v\n"
+    "def counter():\n"
+    "    n = 0\n"
+    "    def get():\n        return n\n"
+    "    def put(v):\n        nonlocal n\n        n = v\n"
+    "    return get, put\n"
+)
+
+
+def _main_namespace() -> dict:
+    # Functions whose __module__ is __main__, as in a script or notebook: cloudpickle
+    # pickles them by value, and the client may reuse such a pickle.
+    ns: dict = {"__name__": "__main__"}
+    exec(_MAIN_FUNCTIONS, ns)
+    return ns
+
+
+def test_repeated_function_atoms_keep_their_meaning(session):
+    # The client reuses a function's pickle while nothing it was made from changed;
+    # every call must still see the current globals, defaults and closure cells.
+    ns = _main_namespace()
+    read_x = ns["read_x"]
+    assert [session.eval(read_x).wait(10) for _ in range(3)] == [1, 1, 1]
+    ns["x"] = 2
+    assert session.eval(read_x).wait(10) == 2
+    ns["x"] = "three"
+    assert session.eval(read_x).wait(10) == "three"
+    ns["x"] = [4]
+    assert session.eval(read_x).wait(10) == [4]
+    ns["x"].append(5)
+    assert session.eval(read_x).wait(10) == [4, 5]
+    del ns["x"]
+    with pytest.raises(NameError):
+        session.eval(read_x).wait(10)
+    assert [session.eval(ns["append"]).wait(10) for _ in range(3)] == [1, 1, 1]
+    count = ns["count"]
+    assert session.eval(count).wait(10) == 1
+    ns["items"].append(2)
+    assert session.eval(count).wait(10) == 2
+    default, keyword = ns["default"], ns["keyword"]
+    assert session.eval(default).wait(10) == 1 and session.eval(keyword).wait(10) == 1
+    default.__defaults__ = (9,)
+    keyword.__kwdefaults__ = {"v": 8}
+    assert session.eval(default).wait(10) == 9 and session.eval(keyword).wait(10) == 8
+    get, put = ns["counter"]()
+    assert session.eval(get).wait(10) == 0
+    put(7)
+    assert session.eval(get).wait(10) == 7
+    default.__code__ = read_x.__code__
+    ns["x"] = 10
+    assert session.eval(default).wait(10) == 10
+
+
+def test_a_function_pickle_is_reused_only_while_its_inputs_are_unchanged():
+    from pyproxy import _fncache
+
+    ns = _main_namespace()
+    calls = []
+
+    def dumps(fn):
+        calls.append(fn)
+        return cloudpickle.dumps(fn, protocol=5)
+
+    read_x, count = ns["read_x"], ns["count"]
+    first = _fncache.pickled_function(read_x, dumps)
+    assert _fncache.pickled_function(read_x, dumps) is first and len(calls) == 1
+    ns["x"] = 1000
+    assert _fncache.pickled_function(read_x, dumps) is not first and len(calls) == 2
+    # A mutable global: pickled afresh every time.
+    _fncache.pickled_function(count, dumps)
+    _fncache.pickled_function(count, dumps)
+    assert len(calls) == 4
 
 
 def test_repeated_source_atoms_keep_their_meaning(session):

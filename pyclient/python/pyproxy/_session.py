@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from . import _native
+from . import _fncache, _native
 from ._errors import PyProxyError, SessionClosed
 from ._future import PyProxyFuture
 
@@ -325,7 +325,7 @@ class PyProxySession:
         elif isinstance(atom, types.CodeType):
             kind, payload = _CODE, _dumps(atom)
         elif callable(atom):
-            kind, payload = _FUNCTION, _dumps(atom)
+            kind, payload = _FUNCTION, _fncache.pickled_function(atom, _dumps)
         else:
             raise TypeError(f"an atom is source text, a code object or a callable, not {type(atom).__name__}")
         g = None if globals is None else _dumps(dict(globals))
