@@ -82,3 +82,33 @@ def test_many_open_sessions_share_a_few_interpreters_and_never_see_each_other(st
     # One interpreter per session would be ~7 MB each (over 800 MB here).
     assert rss_mb - idle_rss_mb < 150, (idle_rss_mb, rss_mb)
     assert threads < 4 * count + 40, threads
+
+
+def test_a_sessions_python_threads_never_write_into_another_sessions_atoms(start_server):
+    # Session A leaves a thread printing in its interpreter and goes idle. The pool may
+    # reset A's parked interpreter to serve others, but finding the thread it keeps the
+    # interpreter for A: no other session's atom ever runs where that thread prints.
+    server = start_server(executors=2, warm_pool=1, log_level="info")
+    a = PyProxySession(server.address, token=server.token).connect()
+    started = a.eval(
+        "import threading, time\n"
+        "def tick():\n"
+        "    for _ in range(400):\n"
+        "        print('tick from A', flush=True)\n"
+        "        time.sleep(0.005)\n"
+        "threading.Thread(target=tick).start()\n"
+        "'started'"
+    )
+    assert started.wait(30) == "started"
+    try:
+        for _round in range(10):
+            others = [PyProxySession(server.address, token=server.token).connect() for _ in range(4)]
+            futures = [(s, s.eval("import time\ntime.sleep(0.02)\nprint('mine')\n1")) for s in others]
+            for s, f in futures:
+                assert f.wait(30) == 1
+                assert list(s.output(f, timeout=30)) == [(1, "mine")]
+            for s in others:
+                s.close()
+    finally:
+        a.close()
+    assert "it keeps that interpreter to itself" in server.log_text()

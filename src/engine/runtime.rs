@@ -58,12 +58,27 @@ struct Parked {
     interp: Arc<Interp>,
     owner: u64,
     since: Instant,
+    /// The session left Python threads running in it: it stays this session's
+    /// (their output must reach no other session) until the session closes.
+    pinned: bool,
+}
+
+impl PoolState {
+    /// The parked interpreter the pool may take from its session: the one
+    /// parked longest, not pinned.
+    fn oldest_unpinned(&self) -> Option<usize> {
+        (0..self.parked.len())
+            .filter(|&i| !self.parked[i].pinned)
+            .min_by_key(|&i| self.parked[i].since)
+    }
 }
 
 struct PoolState {
     /// Reset (or fresh) interpreters, ready for any session.
     ready: Vec<Arc<Interp>>,
     parked: Vec<Parked>,
+    /// Serials of pinned interpreters (see [`Parked::pinned`]) their session holds now.
+    pinned: std::collections::HashSet<u64>,
     /// Interpreters sent back for reset and not yet ready again: counted as
     /// ready when deciding whether to create one (creating takes ~70 ms and
     /// adds 6–7 MB; a reset takes a few ms).
@@ -111,7 +126,11 @@ impl Shared {
         let started = Instant::now();
         let mut pool = lock(&self.pool);
         if let Some(at) = pool.parked.iter().position(|p| p.owner == owner) {
-            return Ok(pool.parked.swap_remove(at).interp);
+            let parked = pool.parked.swap_remove(at);
+            if parked.pinned {
+                pool.pinned.insert(parked.interp.serial);
+            }
+            return Ok(parked.interp);
         }
         loop {
             if self.stopping.load(Ordering::Acquire) {
@@ -150,25 +169,32 @@ impl Shared {
     /// Keeps the interpreter of a session whose queue ran empty for that
     /// session's next atom (see [`Parked`]).
     pub(crate) fn park(&self, owner: u64, interp: Arc<Interp>) {
-        lock(&self.pool).parked.push(Parked {
+        let mut pool = lock(&self.pool);
+        // A pinned interpreter stays pinned while its session lives.
+        let pinned = pool.pinned.remove(&interp.serial);
+        pool.parked.push(Parked {
             interp,
             owner,
             since: Instant::now(),
+            pinned,
         });
     }
 
-    /// At session close: sends the interpreter the session parked, if it still
-    /// has one, to be reset.
+    /// At session close: sends the interpreters the session parked (usually
+    /// one; two if the pool pinned one to it while it ran in another) to be reset.
     pub(crate) fn unpark_for_reset(&self, owner: u64) {
-        let interp = {
+        let mine: Vec<Arc<Interp>> = {
             let mut pool = lock(&self.pool);
-            let Some(at) = pool.parked.iter().position(|p| p.owner == owner) else {
-                return;
-            };
-            pool.recycling += 1;
-            pool.parked.swap_remove(at).interp
+            let mut mine = Vec::new();
+            while let Some(at) = pool.parked.iter().position(|p| p.owner == owner) {
+                mine.push(pool.parked.swap_remove(at).interp);
+            }
+            pool.recycling += mine.len();
+            mine
         };
-        self.recycle(interp);
+        for interp in mine {
+            self.recycle(interp);
+        }
     }
 
     /// Hands a closed session's interpreter back (after [`promise_recycle`]).
@@ -273,6 +299,7 @@ impl Engine {
             pool: Mutex::new(PoolState {
                 ready: Vec::new(),
                 parked: Vec::new(),
+                pinned: Default::default(),
                 recycling: 0,
                 failed: None,
             }),
@@ -541,18 +568,32 @@ fn pool_loop(
                 if stopping || interp.is_ended() {
                     continue;
                 }
-                reset_into_ready(&shared, &log, &mut all, interp);
+                lock(&shared.pool).pinned.remove(&interp.serial);
+                reset_into_ready(&shared, &log, &mut all, interp, false);
             }
             None if need => {
                 // Resetting an idle session's parked interpreter takes well under
                 // a millisecond; creating one takes ~70 ms and 6–7 MB.
                 let stolen = {
                     let mut pool = lock(&shared.pool);
-                    let oldest = (0..pool.parked.len()).min_by_key(|&i| pool.parked[i].since);
-                    oldest.map(|i| pool.parked.swap_remove(i).interp)
+                    let oldest = pool.oldest_unpinned();
+                    oldest.map(|i| pool.parked.swap_remove(i))
                 };
-                if let Some(interp) = stolen {
-                    reset_into_ready(&shared, &log, &mut all, interp);
+                if let Some(parked) = stolen {
+                    let owner = parked.owner;
+                    if let Some(interp) =
+                        reset_into_ready(&shared, &log, &mut all, parked.interp, true)
+                    {
+                        warn!(log, "a session left Python threads running in its interpreter; \
+                                    it keeps that interpreter to itself until it closes";
+                              "interp" => interp.serial, "session_key" => owner);
+                        lock(&shared.pool).parked.push(Parked {
+                            interp,
+                            owner,
+                            since: Instant::now(),
+                            pinned: true,
+                        });
+                    }
                     continue;
                 }
                 match create(&mut all) {
@@ -584,13 +625,11 @@ fn pool_loop(
                         let mut pool = lock(&shared.pool);
                         if pool.ready.len() + pool.parked.len() <= idle_cap(config) {
                             None
-                        } else if pool.parked.is_empty() {
-                            Some(pool.ready.remove(0))
+                        } else if pool.oldest_unpinned().is_none() {
+                            (!pool.ready.is_empty()).then(|| pool.ready.remove(0))
                         } else {
-                            let oldest = (0..pool.parked.len())
-                                .min_by_key(|&i| pool.parked[i].since)
-                                .unwrap_or(0);
-                            Some(pool.parked.swap_remove(oldest).interp)
+                            pool.oldest_unpinned()
+                                .map(|i| pool.parked.swap_remove(i).interp)
                         }
                     };
                     if let Some(interp) = surplus {
@@ -615,15 +654,19 @@ fn pool_loop(
 }
 
 /// Resets `interp` to its warm snapshot and makes it ready; ends it if the
-/// reset fails. Pool thread only.
+/// reset fails. Pool thread only. If the reset finds Python threads still
+/// running and `keep_if_threads`, the interpreter is handed back instead of
+/// being made ready (its threads' output must not reach another session).
 fn reset_into_ready(
     shared: &Shared,
     log: &Logger,
     all: &mut Vec<Arc<Interp>>,
     interp: Arc<Interp>,
-) {
+    keep_if_threads: bool,
+) -> Option<Arc<Interp>> {
     let started = Instant::now();
     match interp.reset() {
+        Ok(threads) if threads > 0 && keep_if_threads => Some(interp),
         Ok(threads) => {
             if threads > 0 {
                 warn!(log, "a session left Python threads running in its interpreter; \
@@ -635,11 +678,13 @@ fn reset_into_ready(
             let mut pool = lock(&shared.pool);
             pool.ready.push(interp);
             shared.pool_cv.notify_one();
+            None
         }
         Err(e) => {
             warn!(log, "interpreter reset failed; ending it"; "interp" => interp.serial, "error" => e);
             all.retain(|i| !Arc::ptr_eq(i, &interp));
             interp.end();
+            None
         }
     }
 }
