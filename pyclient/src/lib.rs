@@ -154,6 +154,10 @@ struct PyOutcome {
     /// pickle): `bytes`, or for a large value a read-only bytes-like `Value`.
     #[pyo3(get)]
     pickled: Option<Py<PyAny>>,
+    /// A value's out-of-band buffers, as read-only bytes-like `Value`s, in the
+    /// order its pickle takes them (empty for an exception).
+    #[pyo3(get)]
+    buffers: Vec<Py<PyAny>>,
     /// Failure origin code (0 raised, 1 timeout, 2 cancelled, 3 version mismatch,
     /// 4 worker died, 5 shutdown, 6 server error); 0 for a value.
     #[pyo3(get)]
@@ -236,14 +240,17 @@ const VALUE_VIEW_MIN: usize = 64 * 1024;
 #[pyclass(frozen, name = "Value", module = "pyproxy._native")]
 struct PyValue {
     done: Arc<Completion>,
+    /// None: the pickle; `Some(i)`: out-of-band buffer i.
+    index: Option<usize>,
 }
 
 impl PyValue {
     fn data(&self) -> &[u8] {
         match &*self.done {
-            Completion::Result(r) => match &r.outcome {
-                Outcome::Value { pickled } => pickled,
-                Outcome::Exception(_) => &[],
+            Completion::Result(r) => match (&r.outcome, self.index) {
+                (Outcome::Value { pickled, .. }, None) => pickled,
+                (Outcome::Value { buffers, .. }, Some(i)) => buffers.get(i).map_or(&[], |b| b),
+                (Outcome::Exception(_), _) => &[],
             },
             _ => &[],
         }
@@ -291,19 +298,32 @@ impl PyValue {
 fn outcome(py: Python<'_>, atom: u64, done: &Arc<Completion>) -> PyResult<PyOutcome> {
     match &**done {
         Completion::Result(r) => Ok(match &r.outcome {
-            Outcome::Value { pickled } => PyOutcome {
+            Outcome::Value { pickled, buffers } => PyOutcome {
                 is_exception: false,
                 pickled: Some(if pickled.len() >= VALUE_VIEW_MIN {
                     Py::new(
                         py,
                         PyValue {
                             done: Arc::clone(done),
+                            index: None,
                         },
                     )?
                     .into_any()
                 } else {
                     PyBytes::new(py, pickled).into_any().unbind()
                 }),
+                buffers: (0..buffers.len())
+                    .map(|i| {
+                        Py::new(
+                            py,
+                            PyValue {
+                                done: Arc::clone(done),
+                                index: Some(i),
+                            },
+                        )
+                        .map(Py::into_any)
+                    })
+                    .collect::<PyResult<_>>()?,
                 origin: 0,
                 type_name: String::new(),
                 message: String::new(),
@@ -316,6 +336,7 @@ fn outcome(py: Python<'_>, atom: u64, done: &Arc<Completion>) -> PyResult<PyOutc
                     .pickled
                     .as_ref()
                     .map(|p| PyBytes::new(py, p).into_any().unbind()),
+                buffers: Vec::new(),
                 origin: e.origin as u8,
                 type_name: e.type_name.clone(),
                 message: e.message.clone(),
@@ -430,7 +451,10 @@ impl PyConnection {
     /// Each of `payload`, `globals` and `locals` is `bytes`, or a list of
     /// C-contiguous bytes-like pieces that the field is the concatenation of
     /// (written to the socket from where they lie, without joining them).
-    #[pyo3(signature = (kind, payload, globals=None, locals=None, timeout_ms=None))]
+    /// `buffers`: the EVAL's out-of-band buffers (bytes-like, C-contiguous), in
+    /// the order the pickles take them; written from where they lie too.
+    #[pyo3(signature = (kind, payload, globals=None, locals=None, timeout_ms=None, buffers=None))]
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         py: Python<'_>,
@@ -439,6 +463,7 @@ impl PyConnection {
         globals: Option<&Bound<'_, PyAny>>,
         locals: Option<&Bound<'_, PyAny>>,
         timeout_ms: Option<u64>,
+        buffers: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let kind = AtomKind::from_wire(kind)
             .map_err(|_| PyValueError::new_err(format!("unknown atom kind {kind}")))?;
@@ -450,8 +475,13 @@ impl PyConnection {
             globals.as_ref().map(Pieces::slices),
             locals.as_ref().map(Pieces::slices),
         );
+        let buffers = match buffers {
+            Some(b) => Some(Pieces::extract(b)?),
+            None => None,
+        };
+        let b = buffers.as_ref().map(Pieces::slices).unwrap_or_default();
         let s = &self.inner;
-        py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms))
+        py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b))
             .map_err(|e| to_pyerr(py, e))
     }
 

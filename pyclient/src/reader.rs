@@ -233,7 +233,9 @@ impl Inbox {
         if let Ok(Some(h)) = Header::parse(rest, max_frame) {
             let len = h.payload_len as usize;
             if len >= BIG_FRAME {
-                let split = h.kind == Kind::Result && self.name == "main-stream";
+                // Not split: a RESULT's out-of-band buffers follow its value, and
+                // decoding shares the one buffer among them (no copy).
+                let split = false;
                 let have = &rest[HEADER_SIZE..];
                 self.big = Some(BigFrame::new(h.kind, h.request_id, len, split, have));
                 self.start = self.data.len();
@@ -393,7 +395,10 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
                         Frame::new(Kind::Result, request_id, Vec::new()),
                         Some(Ok(Message::Result(AtomResult {
                             duration_us,
-                            outcome: Outcome::Value { pickled },
+                            outcome: Outcome::Value {
+                                pickled,
+                                buffers: Vec::new(),
+                            },
                         }))),
                     ),
                     Incoming::Frame(mut f) if i == 0 => {
@@ -563,7 +568,8 @@ pub(crate) mod tests {
         let big = Message::Result(AtomResult {
             duration_us: 1,
             outcome: Outcome::Value {
-                pickled: value.clone(),
+                pickled: b"pickle".to_vec(),
+                buffers: vec![value.clone().into()],
             },
         });
         let small = Message::EndOfOutput;
@@ -582,16 +588,11 @@ pub(crate) mod tests {
         }
         assert!(in_place && inbox.big.is_none());
         assert_eq!(frames.len(), 2);
-        // The value arrives split out of the RESULT, in a buffer of its own.
-        let Incoming::Value {
-            request_id: 5,
-            duration_us: 1,
-            pickled,
-        } = frames.remove(0)
-        else {
-            panic!("expected the RESULT's value")
+        // The frame arrives whole; decoding shares it with the value's buffer.
+        let Incoming::Frame(f) = frames.remove(0) else {
+            panic!("expected the RESULT")
         };
-        assert!(pickled == value);
+        assert_eq!(Message::decode_owned(f.kind, f.payload).unwrap(), big);
         let Incoming::Frame(f) = &frames[0] else {
             panic!("expected a frame")
         };
@@ -751,6 +752,7 @@ pub(crate) mod tests {
             duration_us: 5,
             outcome: Outcome::Value {
                 pickled: pickled.to_vec(),
+                buffers: Vec::new(),
             },
         })
     }
@@ -817,7 +819,7 @@ pub(crate) mod tests {
 
         match &*wait(&s, 1) {
             Completion::Result(AtomResult {
-                outcome: Outcome::Value { pickled },
+                outcome: Outcome::Value { pickled, .. },
                 ..
             }) => assert_eq!(pickled, b"v1"),
             other => panic!("{other:?}"),

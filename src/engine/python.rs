@@ -67,6 +67,34 @@ pub(crate) unsafe fn bytes(data: &[u8]) -> Option<PyRef> {
     }
 }
 
+/// A read-only `memoryview` of Rust memory, without a copy. The caller keeps
+/// `data` alive and unchanged for as long as the view (and anything derived
+/// from it) may be used, and releases the view before freeing `data`.
+pub(crate) unsafe fn memoryview(data: &[u8]) -> Option<PyRef> {
+    unsafe {
+        PyRef::new(ffi::PyMemoryView_FromMemory(
+            data.as_ptr() as *mut c_char,
+            data.len() as ffi::Py_ssize_t,
+            ffi::PyBUF_READ,
+        ))
+    }
+}
+
+/// Copies the bytes of any C-contiguous buffer object (`bytes`, a
+/// `memoryview`…; borrowed reference). One copy, into a fresh `Vec`.
+pub(crate) unsafe fn buffer_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
+    unsafe {
+        let mut view: ffi::Py_buffer = std::mem::zeroed();
+        if ffi::PyObject_GetBuffer(obj, &mut view, ffi::PyBUF_C_CONTIGUOUS) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let out = std::slice::from_raw_parts(view.buf as *const u8, view.len as usize).to_vec();
+        ffi::PyBuffer_Release(&mut view);
+        Some(out)
+    }
+}
+
 /// A new reference to `None`.
 pub(crate) unsafe fn none() -> PyRef {
     unsafe {
