@@ -234,9 +234,10 @@ impl PyNotifier {
 /// buffer rather than as a copy in a `bytes`.
 const VALUE_VIEW_MIN: usize = 64 * 1024;
 
-/// A large pickled value, exposed read-only through the buffer protocol
-/// straight from the buffer the reader thread filled: `pickle.loads` reads it
-/// where it lies, so the value is copied once (into the objects it unpickles to).
+/// A large pickled value or one of a value's out-of-band buffers, exposed
+/// read-only through the buffer protocol straight from the buffer the reader
+/// thread filled: Python reads it where it lies, so it is copied once (into the
+/// objects it unpickles to).
 #[pyclass(frozen, name = "Value", module = "pyproxy._native")]
 struct PyValue {
     done: Arc<Completion>,
@@ -292,6 +293,57 @@ impl PyValue {
 
     fn __len__(&self) -> usize {
         self.data().len()
+    }
+
+    /// A new `bytes` holding a copy (the one copy the client makes of an
+    /// out-of-band buffer, into memory advised to use huge pages).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.copy_into(py, false)
+    }
+
+    /// A new `bytearray` holding a copy, as for `to_bytes`.
+    fn to_bytearray<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.copy_into(py, true)
+    }
+}
+
+impl PyValue {
+    fn copy_into<'py>(&self, py: Python<'py>, as_bytearray: bool) -> PyResult<Bound<'py, PyAny>> {
+        use pyo3::ffi;
+        let data = self.data();
+        let n = data.len() as ffi::Py_ssize_t;
+        // SAFETY: a new object of `n` uninitialised bytes is filled completely
+        // before Python sees it; the GIL is held (`py`).
+        unsafe {
+            let (obj, dst) = if as_bytearray {
+                let o = ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n);
+                (
+                    o,
+                    if o.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        ffi::PyByteArray_AsString(o)
+                    },
+                )
+            } else {
+                let o = ffi::PyBytes_FromStringAndSize(std::ptr::null(), n);
+                (
+                    o,
+                    if o.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        ffi::PyBytes_AsString(o)
+                    },
+                )
+            };
+            let obj = Bound::from_owned_ptr_or_err(py, obj)?;
+            if dst.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            pyproxy::protocol::buffer::advise_huge_pages(dst.cast::<u8>(), data.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast::<u8>(), data.len());
+            Ok(obj)
+        }
     }
 }
 

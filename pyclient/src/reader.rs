@@ -103,7 +103,7 @@ impl BigFrame {
             request_id,
             head: vec![0u8; head_len],
             head_filled: 0,
-            payload: vec![0u8; len - head_len],
+            payload: pyproxy::protocol::buffer::zeroed(len - head_len),
             filled: 0,
         };
         let h = have.len().min(head_len);

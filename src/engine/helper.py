@@ -5,7 +5,7 @@ sub-interpreter it creates (one copy per interpreter: no object is ever shared
 between interpreters) and calls, with that interpreter's GIL held:
 
 * ``setup(out_fd, err_fd, workdir, preload, environ, wake_fd)`` once, right after creation;
-* ``run(kind, payload, globals, locals, buffers)`` for every atom;
+* ``run(kind, payload, globals, locals, take, count)`` for every atom;
 * ``reset()`` when a session ends, so that the next session finds the
   interpreter as it was when it was warmed up.
 
@@ -377,81 +377,67 @@ class _OobUnpickler(_pickle.Unpickler):
 
 
 class _Buffers:
-    """The out-of-band buffers of one message, taken in order by its pickles: a
-    persistent id ``("bytes", i)`` or ``("bytearray", i)`` takes buffer i, which
-    must be the next one, as that type; a ``NEXT_BUFFER`` opcode takes the next
-    one as a ``bytearray`` (writable, as protocol 5 gives it to numpy). Each is
-    copied once, from a read-only view (engine) or not at all (a ``bytes``
-    from the fork worker's socket, taken as ``bytes``)."""
+    """The `count` out-of-band buffers of one message, taken in order by its
+    pickles: a persistent id ``("bytes", i)`` or ``("bytearray", i)`` takes
+    buffer i, which must be the next one, as that type; a ``NEXT_BUFFER`` opcode
+    takes the next one as a ``bytearray`` (writable, as protocol 5 gives it to
+    numpy). ``take(i, as_bytearray)`` makes the object (the engine's copies the
+    frame's bytes once; the fork worker's hands over what it read)."""
 
-    def __init__(self, views):
-        self._views = views
+    def __init__(self, take, count):
+        self._fetch = take
+        self._count = count
         self._next = 0
 
-    def _take(self):
+    def _take(self, as_bytearray):
         i = self._next
-        if i >= len(self._views):
+        if i >= self._count:
             raise _pickle.UnpicklingError(
-                f"the pickle takes more out-of-band buffers than the {len(self._views)} sent"
+                f"the pickle takes more out-of-band buffers than the {self._count} sent"
             )
         self._next = i + 1
-        view = self._views[i]
-        self._views[i] = None
-        return view
+        return self._fetch(i, as_bytearray)
 
     def persistent_load(self, pid):
-        if type(pid) is not tuple or len(pid) != 2 or pid[1] != self._next:
-            raise _pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        if pid[0] == "bytes":
-            return bytes(self._take())
-        if pid[0] == "bytearray":
-            return bytearray(self._take())
+        if type(pid) is tuple and len(pid) == 2 and pid[1] == self._next:
+            if pid[0] == "bytes":
+                return self._take(False)
+            if pid[0] == "bytearray":
+                return self._take(True)
         raise _pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return bytearray(self._take())
+        return self._take(True)
 
     def loads(self, data):
-        if not self._views:
+        if not self._count:
             return _pickle.loads(data)
         u = _OobUnpickler(_io.BytesIO(data), buffers=self)
         u.oob = self
         return u.load()
 
     def finish(self):
-        if self._next != len(self._views):
+        if self._next != self._count:
             raise _pickle.UnpicklingError(
-                f"{len(self._views)} out-of-band buffers were sent, the pickles took {self._next}"
+                f"{self._count} out-of-band buffers were sent, the pickles took {self._next}"
             )
 
 
-def _release(views):
-    for v in views:
-        if type(v) is memoryview:
-            try:
-                v.release()
-            except Exception:  # noqa: BLE001 - the engine checks it
-                pass
-
-
-def _run(kind, payload, gbytes, lbytes, views):
+def _run(kind, payload, gbytes, lbytes, take, count):
     ns = {"__builtins__": _builtins, "__name__": "__main__"}
-    taken = _Buffers(list(views))
-    try:
-        g = taken.loads(gbytes) if gbytes is not None else None
-        loc = taken.loads(lbytes) if lbytes is not None else None
-        fn = code = None
-        if kind == _CODE:
-            code = taken.loads(payload)
-        elif kind == _FUNCTION:
-            fn = taken.loads(payload)
-        taken.finish()
-    finally:
-        _release(views)
-        del taken
+    taken = _Buffers(take, count)
+    g = taken.loads(gbytes) if gbytes is not None else None
+    loc = taken.loads(lbytes) if lbytes is not None else None
+    fn = code = None
+    if kind == _CODE:
+        code = taken.loads(payload)
+    elif kind == _FUNCTION:
+        fn = taken.loads(payload)
+    taken.finish()
+    del taken, take
     if g is not None:
         ns.update(g)
     if kind == _SOURCE:
@@ -522,13 +508,13 @@ def _flush():
             pass
 
 
-def run(kind, payload, gbytes, lbytes, buffers=()):
+def run(kind, payload, gbytes, lbytes, take=None, count=0):
     """Returns (0, pickled value, [out-of-band buffers]) or (1, type name, message,
-    traceback, pickled exception or None). `buffers`: the EVAL's out-of-band
-    buffers (read-only views, or ``bytes``), released before the atom runs."""
+    traceback, pickled exception or None). `take(i, as_bytearray)` gives the EVAL's
+    out-of-band buffer i as a new ``bytes`` or ``bytearray``; `count` of them."""
     try:
         try:
-            return (0, *_dumps(_run(kind, payload, gbytes, lbytes, buffers)))
+            return (0, *_dumps(_run(kind, payload, gbytes, lbytes, take, count)))
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are results too
             return _exception_result(e)
         finally:

@@ -367,20 +367,15 @@ impl Interp {
                 Some(b) => python::bytes(b),
                 None => Some(python::none()),
             };
-            // The out-of-band buffers go in as read-only views of the frame's
-            // memory: the helper copies each once, into the `bytes` or
-            // `bytearray` the pickle asks for, and releases the views.
-            let views = (|| {
-                let list = PyRef::new(ffi::PyList_New(0))?;
-                for b in buffers {
-                    let v = python::memoryview(b)?;
-                    if ffi::PyList_Append(list.as_ptr(), v.as_ptr()) != 0 {
-                        return None;
-                    }
-                }
-                Some(list)
-            })();
-            let Some(views) = views else {
+            // The out-of-band buffers go in as `take(i, as_bytearray)`, which
+            // makes each into the `bytes` or `bytearray` its pickle asks for
+            // with one copy; None when there are none.
+            let taker = if buffers.is_empty() {
+                Some(python::none())
+            } else {
+                python::buffer_taker(buffers)
+            };
+            let Some(taker) = taker else {
                 return RawOutcome::Internal(python::take_error());
             };
             let args = (|| {
@@ -389,18 +384,14 @@ impl Interp {
                     python::bytes(payload)?,
                     opt(globals)?,
                     opt(locals)?,
-                    PyRef::new({
-                        ffi::Py_IncRef(views.as_ptr());
-                        views.as_ptr()
-                    })?,
+                    taker,
+                    PyRef::new(ffi::PyLong_FromSize_t(buffers.len()))?,
                 ])
             })();
             let Some(args) = args else {
                 return RawOutcome::Internal(python::take_error());
             };
-            let result = python::call(self.helper_run, args);
-            self.release_views(&views, buffers);
-            let Some(result) = result else {
+            let Some(result) = python::call(self.helper_run, args) else {
                 // The helper catches everything; only an interrupt landing at the
                 // very edge of it gets here.
                 let e = python::take_error();
@@ -412,31 +403,6 @@ impl Interp {
                 };
             };
             decode_result(result.as_ptr())
-        }
-    }
-
-    /// Releases the views of `buffers` the helper was given. The helper
-    /// released them already; a view still referenced elsewhere (only code
-    /// that went looking for it could hold one) keeps its buffer alive for
-    /// good rather than point at freed memory.
-    unsafe fn release_views(&self, views: &PyRef, buffers: &[Buffer]) {
-        unsafe {
-            let n = ffi::PyList_Size(views.as_ptr());
-            for (i, b) in buffers.iter().enumerate().take(n.max(0) as usize) {
-                let v = ffi::PyList_GetItem(views.as_ptr(), i as ffi::Py_ssize_t);
-                if v.is_null() {
-                    continue;
-                }
-                let released = PyRef::new(ffi::PyObject_CallMethod(
-                    v,
-                    c"release".as_ptr(),
-                    ptr::null(),
-                ));
-                if released.is_none() || ffi::Py_REFCNT(v) > 1 {
-                    ffi::PyErr_Clear();
-                    std::mem::forget(b.clone());
-                }
-            }
         }
     }
 

@@ -15,6 +15,7 @@
 //! keeps sub-interpreter thread states (which the pool thread deletes on behalf
 //! of executors) out of it.
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_char, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use std::ptr;
 use pyo3::ffi;
 
 use super::error::EngineError;
+use crate::protocol::{buffer, Buffer};
 
 /// An owned reference to a Python object. Must be created, used and dropped with
 /// the GIL of the interpreter that owns the object held by the current thread.
@@ -67,21 +69,114 @@ pub(crate) unsafe fn bytes(data: &[u8]) -> Option<PyRef> {
     }
 }
 
-/// A read-only `memoryview` of Rust memory, without a copy. The caller keeps
-/// `data` alive and unchanged for as long as the view (and anything derived
-/// from it) may be used, and releases the view before freeing `data`.
-pub(crate) unsafe fn memoryview(data: &[u8]) -> Option<PyRef> {
+/// What the `take` function of [`buffer_taker`] holds: shared handles on the
+/// EVAL's buffers (no copy), freed with the capsule.
+struct Taker {
+    buffers: Vec<Buffer>,
+}
+
+const TAKER_NAME: &CStr = c"pyproxy.buffers";
+
+struct MethodDef(UnsafeCell<ffi::PyMethodDef>);
+// SAFETY: CPython only reads the definition; it is never written.
+unsafe impl Sync for MethodDef {}
+
+static TAKE_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
+    ml_name: c"take".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer { PyCFunction: take },
+    ml_flags: ffi::METH_VARARGS,
+    ml_doc: c"take(i, as_bytearray): out-of-band buffer i as a new bytes (or bytearray)".as_ptr(),
+}));
+
+/// `take(i, as_bytearray)`; `slf` is the capsule holding the [`Taker`].
+unsafe extern "C" fn take(slf: *mut ffi::PyObject, args: *mut ffi::PyObject) -> *mut ffi::PyObject {
     unsafe {
-        PyRef::new(ffi::PyMemoryView_FromMemory(
-            data.as_ptr() as *mut c_char,
-            data.len() as ffi::Py_ssize_t,
-            ffi::PyBUF_READ,
-        ))
+        let taker = ffi::PyCapsule_GetPointer(slf, TAKER_NAME.as_ptr()).cast::<Taker>();
+        if taker.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: the capsule owns the Taker until it is freed, which cannot
+        // happen while this call holds the function (and so the capsule).
+        let taker: &Taker = &*taker;
+        let mut i: ffi::Py_ssize_t = 0;
+        let mut as_bytearray: std::ffi::c_int = 0;
+        if ffi::PyArg_ParseTuple(args, c"np".as_ptr(), &mut i, &mut as_bytearray) == 0 {
+            return ptr::null_mut();
+        }
+        let Some(buf) = usize::try_from(i).ok().and_then(|i| taker.buffers.get(i)) else {
+            ffi::PyErr_SetString(
+                ffi::PyExc_IndexError,
+                c"no such out-of-band buffer".as_ptr(),
+            );
+            return ptr::null_mut();
+        };
+        let n = buf.len() as ffi::Py_ssize_t;
+        let (obj, dst) = if as_bytearray != 0 {
+            let o = ffi::PyByteArray_FromStringAndSize(ptr::null(), n);
+            (
+                o,
+                if o.is_null() {
+                    ptr::null_mut()
+                } else {
+                    ffi::PyByteArray_AsString(o)
+                },
+            )
+        } else {
+            let o = ffi::PyBytes_FromStringAndSize(ptr::null(), n);
+            (
+                o,
+                if o.is_null() {
+                    ptr::null_mut()
+                } else {
+                    ffi::PyBytes_AsString(o)
+                },
+            )
+        };
+        if dst.is_null() {
+            return obj; // NULL with the error set
+        }
+        // The one copy of this buffer on the server, into pages not yet touched.
+        buffer::advise_huge_pages(dst.cast::<u8>(), buf.len());
+        ptr::copy_nonoverlapping(buf.as_ptr(), dst.cast::<u8>(), buf.len());
+        obj
+    }
+}
+
+unsafe extern "C" fn drop_taker(capsule: *mut ffi::PyObject) {
+    unsafe {
+        let p = ffi::PyCapsule_GetPointer(capsule, TAKER_NAME.as_ptr());
+        if p.is_null() {
+            ffi::PyErr_Clear();
+        } else {
+            drop(Box::from_raw(p.cast::<Taker>()));
+        }
+    }
+}
+
+/// A builtin function `take(i, as_bytearray)` of the current interpreter that
+/// returns out-of-band buffer `i` as a new `bytes` (or `bytearray`): the only
+/// copy of it the server makes, into memory advised to use huge pages. It
+/// shares `buffers` (no copy) for as long as Python keeps the function.
+pub(crate) unsafe fn buffer_taker(buffers: &[Buffer]) -> Option<PyRef> {
+    unsafe {
+        let taker = Box::into_raw(Box::new(Taker {
+            buffers: buffers.to_vec(),
+        }));
+        let Some(capsule) = PyRef::new(ffi::PyCapsule_New(
+            taker.cast(),
+            TAKER_NAME.as_ptr(),
+            Some(drop_taker),
+        )) else {
+            drop(Box::from_raw(taker));
+            return None;
+        };
+        PyRef::new(ffi::PyCFunction_New(TAKE_DEF.0.get(), capsule.as_ptr()))
     }
 }
 
 /// Copies the bytes of any C-contiguous buffer object (`bytes`, a
-/// `memoryview`…; borrowed reference). One copy, into a fresh `Vec`.
+/// `memoryview`…; borrowed reference). One copy, into a fresh `Vec` (huge
+/// pages when large, see `protocol::buffer::zeroed`).
 pub(crate) unsafe fn buffer_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
     unsafe {
         let mut view: ffi::Py_buffer = std::mem::zeroed();
@@ -89,7 +184,9 @@ pub(crate) unsafe fn buffer_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
             ffi::PyErr_Clear();
             return None;
         }
-        let out = std::slice::from_raw_parts(view.buf as *const u8, view.len as usize).to_vec();
+        let src = std::slice::from_raw_parts(view.buf as *const u8, view.len as usize);
+        let mut out = crate::protocol::buffer::zeroed(src.len());
+        out.copy_from_slice(src);
         ffi::PyBuffer_Release(&mut view);
         Some(out)
     }

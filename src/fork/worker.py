@@ -82,6 +82,18 @@ def _read_buffer(fd, n):
     return None if rest is None else data + rest
 
 
+def _taker(buffers):
+    """`take(i, as_bytearray)` for the helper: the ``bytes`` read from the socket
+    as they are (no copy), or a ``bytearray`` copy of one."""
+
+    def take(i, as_bytearray):
+        b = buffers[i]
+        buffers[i] = None
+        return bytearray(b) if as_bytearray else b
+
+    return take
+
+
 def _send(fd, tag, body, buffers=()):
     """The message, then each buffer from where it lies (vectored writes)."""
     parts = [memoryview(_LEN.pack(len(body) + 1) + bytes((tag,)) + body)]
@@ -169,7 +181,7 @@ def serve(fd, env=None):
                 buffers.append(b)
             try:
                 _signal.signal(_signal.SIGINT, _signal.default_int_handler)
-                r = _helper.run(kind, payload, g, loc, buffers)
+                r = _helper.run(kind, payload, g, loc, _taker(buffers), len(buffers))
             except KeyboardInterrupt:
                 # The interrupt landed outside run's own handlers.
                 r = (1, "builtins.KeyboardInterrupt", "", "", None)

@@ -76,6 +76,41 @@ impl fmt::Debug for Buffer {
     }
 }
 
+/// Buffers at least this large are advised to use transparent huge pages.
+const HUGE_MIN: usize = 4 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A zeroed `Vec` of `len` bytes, for data about to be read or copied into it.
+/// A large one is fresh `mmap`'d memory (`calloc` leaves it untouched), which
+/// [`advise_huge_pages`] lets the kernel back with 2 MiB pages: filling 64 MiB
+/// then takes 32 page faults instead of 16,384, which is most of what a copy
+/// into fresh memory costs on these machines.
+pub fn zeroed(len: usize) -> Vec<u8> {
+    let v = vec![0u8; len];
+    advise_huge_pages(v.as_ptr(), len);
+    v
+}
+
+/// Advises the kernel to back the 2 MiB-aligned part of `[ptr, ptr + len)`
+/// with transparent huge pages (`MADV_HUGEPAGE`; THP is `madvise`-only on these
+/// machines). Call before the memory is first touched. Contents are unchanged
+/// whatever the kernel does; small ranges and other systems are left alone.
+pub fn advise_huge_pages(ptr: *const u8, len: usize) {
+    if len < HUGE_MIN {
+        return;
+    }
+    let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+    let end = (ptr as usize + len) / HUGE_PAGE * HUGE_PAGE;
+    #[cfg(target_os = "linux")]
+    if end > start {
+        // SAFETY: the range lies within the caller's allocation; the advice
+        // changes how pages are backed, never their contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, end);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +122,14 @@ mod tests {
         assert_eq!(&*b, b"world");
         assert_eq!(b, Buffer::from(&b"world"[..]));
         assert_eq!(format!("{b:?}"), "Buffer(5 bytes)");
+    }
+
+    #[test]
+    fn zeroed_buffers_are_zero_and_writable() {
+        let mut v = zeroed(9 << 20);
+        assert!(v.iter().all(|&b| b == 0));
+        v[5 << 20] = 1;
+        assert_eq!(zeroed(3), [0, 0, 0]);
     }
 
     #[test]

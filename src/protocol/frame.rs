@@ -315,7 +315,7 @@ impl<R: Read> FrameReader<R> {
             // authenticated: one allocation of the final size, read in place
             // (a zeroed allocation this large is fresh mmap'd pages, so the
             // zeroing costs nothing), instead of a Vec doubled and copied ~log2(n) times.
-            let mut payload = vec![0u8; len];
+            let mut payload = super::buffer::zeroed(len);
             let got = read_full(&mut self.inner, &mut payload)?;
             (payload, got)
         } else {

@@ -54,28 +54,31 @@ class _Buffers:
         self._views = views
         self._next = 0
 
-    def _take(self) -> Any:
+    def _take(self, as_bytearray: bool) -> Any:
         i = self._next
         if i >= len(self._views):
             raise pickle.UnpicklingError(
                 f"the pickle takes more out-of-band buffers than the {len(self._views)} received"
             )
         self._next = i + 1
-        return self._views[i]
+        view = self._views[i]
+        if type(view) is _native.Value:  # one copy, made natively (huge pages when large)
+            return view.to_bytearray() if as_bytearray else view.to_bytes()
+        return bytearray(view) if as_bytearray else bytes(view)
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is tuple and len(pid) == 2 and pid[1] == self._next:
             if pid[0] == "bytes":
-                return bytes(self._take())
+                return self._take(False)
             if pid[0] == "bytearray":
-                return bytearray(self._take())
+                return self._take(True)
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
     def __iter__(self) -> _Buffers:
         return self
 
     def __next__(self) -> bytearray:
-        return bytearray(self._take())
+        return self._take(True)  # type: ignore[no-any-return]
 
     def loads(self, data: Any) -> Any:
         if not self._views:
