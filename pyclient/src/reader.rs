@@ -146,9 +146,15 @@ impl BigFrame {
                 };
             }
         }
-        // Not a value (or not well-formed): the frame as it came, for the decoder.
-        let mut payload = self.head;
-        payload.extend_from_slice(&self.payload);
+        // Not a value (or not well-formed): the frame as it came, for the decoder
+        // (without a head, the payload buffer itself: no copy).
+        let payload = if self.head.is_empty() {
+            self.payload
+        } else {
+            let mut payload = self.head;
+            payload.extend_from_slice(&self.payload);
+            payload
+        };
         Incoming::Frame(Frame::new(self.kind, self.request_id, payload))
     }
 }
