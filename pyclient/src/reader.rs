@@ -80,7 +80,7 @@ impl Cause {
 const BIG_FRAME: usize = 1024 * 1024;
 
 /// A large frame being read in place: its header, and its payload so far, in
-/// one buffer of its final size (huge pages: see `protocol::buffer::zeroed`).
+/// one buffer of its final size (huge pages: see `protocol::buffer::for_writing`).
 /// Decoding then shares that buffer with a RESULT's out-of-band buffers.
 struct BigFrame {
     kind: Kind,
@@ -91,7 +91,7 @@ struct BigFrame {
 
 impl BigFrame {
     fn new(kind: Kind, request_id: u64, len: usize, have: &[u8]) -> BigFrame {
-        let mut payload = pyproxy::protocol::buffer::zeroed(len);
+        let mut payload = pyproxy::protocol::buffer::for_writing(len);
         payload[..have.len()].copy_from_slice(have);
         BigFrame {
             kind,

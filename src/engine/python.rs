@@ -176,7 +176,7 @@ pub(crate) unsafe fn buffer_taker(buffers: &[Buffer]) -> Option<PyRef> {
 
 /// Copies the bytes of any C-contiguous buffer object (`bytes`, a
 /// `memoryview`…; borrowed reference). One copy, into a fresh `Vec` (huge
-/// pages when large, see `protocol::buffer::zeroed`).
+/// pages when large, see `protocol::buffer::for_writing`).
 pub(crate) unsafe fn buffer_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
     unsafe {
         let mut view: ffi::Py_buffer = std::mem::zeroed();
@@ -185,7 +185,7 @@ pub(crate) unsafe fn buffer_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
             return None;
         }
         let src = std::slice::from_raw_parts(view.buf as *const u8, view.len as usize);
-        let mut out = crate::protocol::buffer::zeroed(src.len());
+        let mut out = crate::protocol::buffer::for_writing(src.len());
         out.copy_from_slice(src);
         ffi::PyBuffer_Release(&mut view);
         Some(out)

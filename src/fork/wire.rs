@@ -324,7 +324,7 @@ pub fn read_buffers<R: Read>(r: &mut R, lengths: &[usize]) -> io::Result<Vec<Buf
     lengths
         .iter()
         .map(|&n| {
-            let mut v = crate::protocol::buffer::zeroed(n);
+            let mut v = crate::protocol::buffer::for_writing(n);
             r.read_exact(&mut v)?;
             Ok(Buffer::from(v))
         })

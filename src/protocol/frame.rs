@@ -312,10 +312,11 @@ impl<R: Read> FrameReader<R> {
         let len = header.payload_len as usize;
         let (payload, got) = if self.trusted {
             // The length passed the max_frame check and the peer is
-            // authenticated: one allocation of the final size, read in place
-            // (a zeroed allocation this large is fresh mmap'd pages, so the
-            // zeroing costs nothing), instead of a Vec doubled and copied ~log2(n) times.
-            let mut payload = super::buffer::zeroed(len);
+            // authenticated: one buffer of the final size (recycled or huge
+            // pages when large, see `buffer::for_writing`; every byte is read
+            // into it or the frame is an error), instead of a Vec doubled and
+            // copied ~log2(n) times.
+            let mut payload = super::buffer::for_writing(len);
             let got = read_full(&mut self.inner, &mut payload)?;
             (payload, got)
         } else {

@@ -2,8 +2,6 @@
 //! [`Frame`]. Field order here is the byte order on the wire and the order of
 //! the field tables in `docs/protocol.md`.
 
-use std::sync::Arc;
-
 use super::buffer::Buffer;
 use super::codec::{PayloadReader, PayloadWriter};
 use super::error::{Error, Result};
@@ -644,14 +642,6 @@ fn copy_buffers(payload: &[u8], ranges: Vec<std::ops::Range<usize>>) -> Vec<Buff
         .collect()
 }
 
-/// Buffers that share the payload's allocation.
-fn shared_buffers(payload: &Arc<Vec<u8>>, ranges: Vec<std::ops::Range<usize>>) -> Vec<Buffer> {
-    ranges
-        .into_iter()
-        .map(|r| Buffer::new(Arc::clone(payload), r))
-        .collect()
-}
-
 fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
     let mut r = PayloadReader::new(&payload);
     let kind = AtomKind::from_wire(r.u8("atom_kind")?)?;
@@ -666,14 +656,13 @@ fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
         // The pickles are small (their large parts are the buffers): copy them,
         // and let the buffers share the frame's allocation.
         let (globals, locals, body) = (copy(&globals), copy(&locals), payload[body].to_vec());
-        let payload = Arc::new(payload);
         return Ok(Message::Eval(Eval {
             kind,
             timeout_ms,
             globals,
             locals,
             payload: body,
-            buffers: shared_buffers(&payload, buffers),
+            buffers: Buffer::split(payload, buffers),
         }));
     }
     // Only the largest field keeps the frame's allocation; the others are copied.
@@ -729,10 +718,9 @@ fn decode_result_owned(payload: Vec<u8>) -> Result<Message> {
         }
     } else {
         let pickled = payload[value].to_vec();
-        let payload = Arc::new(payload);
         Outcome::Value {
             pickled,
-            buffers: shared_buffers(&payload, buffers),
+            buffers: Buffer::split(payload, buffers),
         }
     };
     Ok(Message::Result(AtomResult {
