@@ -174,6 +174,81 @@ pub(crate) unsafe fn buffer_taker(buffers: &[Buffer]) -> Option<PyRef> {
     }
 }
 
+static READ_BYTES_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
+    ml_name: c"read_bytes".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer {
+        PyCFunction: read_bytes,
+    },
+    ml_flags: ffi::METH_VARARGS,
+    ml_doc:
+        c"read_bytes(fd, n): exactly n bytes read from fd into a new bytes; None at end of stream"
+            .as_ptr(),
+}));
+
+/// `read_bytes(fd, n)`: reads exactly `n` bytes from `fd` (blocking) straight
+/// into a new `bytes`, advised to use huge pages when large: the kernel's copy
+/// is the only one. None if the stream ends first; `OSError` on a failed read.
+unsafe extern "C" fn read_bytes(
+    _slf: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    unsafe {
+        let mut fd: std::ffi::c_int = 0;
+        let mut n: ffi::Py_ssize_t = 0;
+        if ffi::PyArg_ParseTuple(args, c"in".as_ptr(), &mut fd, &mut n) == 0 {
+            return ptr::null_mut();
+        }
+        if n < 0 {
+            ffi::PyErr_SetString(ffi::PyExc_ValueError, c"negative length".as_ptr());
+            return ptr::null_mut();
+        }
+        let Some(obj) = PyRef::new(ffi::PyBytes_FromStringAndSize(ptr::null(), n)) else {
+            return ptr::null_mut();
+        };
+        let dst = ffi::PyBytes_AsString(obj.as_ptr()).cast::<u8>();
+        buffer::advise_huge_pages(dst, n as usize);
+        let mut got = 0usize;
+        let ts = ffi::PyEval_SaveThread();
+        let failed = loop {
+            if got == n as usize {
+                break None;
+            }
+            let r = libc::read(fd, dst.add(got).cast(), n as usize - got);
+            if r > 0 {
+                got += r as usize;
+            } else if r == 0 {
+                break Some(None);
+            } else {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    break Some(Some(e));
+                }
+            }
+        };
+        ffi::PyEval_RestoreThread(ts);
+        match failed {
+            None => obj.into_ptr(),
+            Some(None) => none().into_ptr(),
+            Some(Some(e)) => {
+                let msg = CString::new(e.to_string()).unwrap_or_default();
+                ffi::PyErr_SetString(ffi::PyExc_OSError, msg.as_ptr());
+                ptr::null_mut()
+            }
+        }
+    }
+}
+
+/// The builtin function `read_bytes(fd, n)` (see [`read_bytes`]), for the
+/// fork worker to read an ATOM's out-of-band buffers with.
+pub(crate) unsafe fn read_bytes_function() -> Option<PyRef> {
+    unsafe {
+        PyRef::new(ffi::PyCFunction_New(
+            READ_BYTES_DEF.0.get(),
+            ptr::null_mut(),
+        ))
+    }
+}
+
 /// Copies the bytes of any C-contiguous buffer object (`bytes`, a
 /// `memoryview`…; borrowed reference). One copy, into a fresh `Vec` (huge
 /// pages when large, see `protocol::buffer::for_writing`).

@@ -69,8 +69,15 @@ def _recv(fd):
     return body[0], body[1:]
 
 
+# Set by the zygote: read_bytes(fd, n), native, straight into a new bytes
+# (huge pages when large); None at end of stream.
+_read_bytes = None
+
+
 def _read_buffer(fd, n):
     """`n` bytes as one ``bytes`` object the kernel fills directly (no join)."""
+    if _read_bytes is not None:
+        return _read_bytes(fd, n)
     sock = _socket.socket(fileno=_os.dup(fd))
     try:
         data = sock.recv(n, _socket.MSG_WAITALL) if n else b""
