@@ -138,3 +138,19 @@ def test_several_large_buffers_nested_in_containers_keep_their_types(server, bac
         # A large bytearray out.
         out = s.eval("bytearray(b'z' * (4 << 20))").result(timeout=60)
         assert type(out) is bytearray and out == bytearray(b"z" * (4 << 20))
+
+
+@pytest.mark.parametrize("backend", ["subinterp", "fork"])
+def test_a_function_atom_takes_its_buffers_after_those_of_its_globals(server, backend):
+    # The pickles take the EVAL's buffers in wire order: globals, then the function.
+    g = os.urandom(MIB)
+    mine = bytearray(os.urandom(2 * MIB))
+
+    def f():
+        import hashlib
+
+        return [(type(v).__name__, hashlib.sha256(v).hexdigest()) for v in (mine, shared)]  # noqa: F821
+
+    with open_session(server, backend) as s:
+        got = s.eval(f, globals={"shared": g}).result(timeout=60)
+    assert got == [("bytearray", digest(mine)), ("bytes", digest(g))]
