@@ -473,19 +473,30 @@ def test_a_function_pickle_is_reused_only_while_its_inputs_are_unchanged():
     ns = _main_namespace()
     calls = []
 
-    def dumps(fn):
+    def dumps(fn, oob):
         calls.append(fn)
         return cloudpickle.dumps(fn, protocol=5)
 
     read_x, count = ns["read_x"], ns["count"]
-    first = _fncache.pickled_function(read_x, dumps)
-    assert _fncache.pickled_function(read_x, dumps) is first and len(calls) == 1
+    oob: list = []
+    first = _fncache.pickled_function(read_x, oob, dumps)
+    assert _fncache.pickled_function(read_x, oob, dumps) is first and len(calls) == 1
     ns["x"] = 1000
-    assert _fncache.pickled_function(read_x, dumps) is not first and len(calls) == 2
+    assert _fncache.pickled_function(read_x, oob, dumps) is not first and len(calls) == 2
     # A mutable global: pickled afresh every time.
-    _fncache.pickled_function(count, dumps)
-    _fncache.pickled_function(count, dumps)
+    _fncache.pickled_function(count, oob, dumps)
+    _fncache.pickled_function(count, oob, dumps)
     assert len(calls) == 4
+
+    # A pickle that sent a buffer out of band refers to it by position: never reused.
+    def dumps_with_buffer(fn, oob):
+        oob.append(b"buffer")
+        return dumps(fn, oob)
+
+    ns["x"] = 2000
+    _fncache.pickled_function(read_x, oob, dumps_with_buffer)
+    _fncache.pickled_function(read_x, oob, dumps_with_buffer)
+    assert len(calls) == 6
 
 
 def test_repeated_source_atoms_keep_their_meaning(session):

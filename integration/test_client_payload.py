@@ -1,8 +1,7 @@
 """Large payloads through the real server: 64 MiB arguments (globals, closures,
 locals) and return values arrive intact and keep their types, on both backends.
-The client writes large buffers to the socket from where they lie (spliced into
-an in-band pickle, see pyproxy._session._dumps) and hands large values to
-pickle.loads as a view over the native buffer; these tests pin the results."""
+Large buffers travel out of band after the pickles (docs/protocol.md), written
+to the socket from where they lie; these tests pin types and contents."""
 
 from __future__ import annotations
 
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 
 from pyproxy import PyProxySession
-from pyproxy._session import _dumps
+from pyproxy._future import _Buffers
+from pyproxy._session import _OUT_OF_BAND_MIN, _dumps
 
 MIB = 1 << 20
 
@@ -83,20 +83,74 @@ def test_numpy_arrays_round_trip_on_the_fork_backend(server):
     assert last == float(arr[-1])
 
 
-def test_dumps_pieces_join_to_a_plain_pickle_that_any_unpickler_reads():
+def test_dumps_sets_large_buffers_aside_and_the_loader_takes_them_back_in_order():
     blob = os.urandom(2 * MIB)
     arr = np.arange(MIB, dtype=np.float64).reshape(1024, 1024)
-    # Enough small values that the pickler starts several frames.
     obj = {"a": blob, "b": blob, "arr": arr, "t": arr.T, "ba": bytearray(blob),
            **{f"k{i}": os.urandom(3000) for i in range(100)}}
-    pieces = _dumps(obj)
-    assert isinstance(pieces, list)
-    data = b"".join(bytes(p) for p in pieces)
-    for loads in (pickle.loads, pickle._loads):  # the C and the pure-Python unpickler
-        back = loads(data)
-        assert back.keys() == obj.keys()
-        assert back["a"] == blob and back["b"] == blob and type(back["ba"]) is bytearray
-        assert np.array_equal(back["arr"], arr) and np.array_equal(back["t"], arr.T)
-        assert all(back[f"k{i}"] == obj[f"k{i}"] for i in range(100))
-    # Small objects stay one bytes object, exactly what cloudpickle writes.
-    assert isinstance(_dumps({"x": 1}), bytes)
+    oob: list = []
+    data = _dumps(obj, oob)
+    assert len(data) < MIB  # the large parts are out of band: a, b (again), arr, t (F-contiguous), ba
+    assert len(oob) == 5
+    back = _Buffers([memoryview(b) for b in oob]).loads(data)
+    assert back.keys() == obj.keys()
+    assert back["a"] == blob and type(back["a"]) is bytes and type(back["ba"]) is bytearray
+    assert np.array_equal(back["arr"], arr) and np.array_equal(back["t"], arr.T)
+    assert back["arr"].flags.writeable
+    assert all(back[f"k{i}"] == obj[f"k{i}"] for i in range(100))
+    # Small objects stay in band; a buffer just under the threshold too.
+    assert _dumps({"x": 1, "y": b"x" * (_OUT_OF_BAND_MIN - 1)}, oob) and len(oob) == 5
+    # A loader given too few or too many buffers refuses.
+    with pytest.raises(pickle.UnpicklingError):
+        _Buffers([memoryview(b) for b in oob[:4]]).loads(data)
+    with pytest.raises(pickle.UnpicklingError):
+        _Buffers([memoryview(b) for b in oob + [b"x"]]).loads(data)
+
+
+@pytest.mark.parametrize("backend", ["subinterp", "fork"])
+def test_several_large_buffers_nested_in_containers_keep_their_types(server, backend):
+    a, b = os.urandom(3 * MIB), os.urandom(MIB)
+    ba = bytearray(os.urandom(2 * MIB))
+    at = b"t" * _OUT_OF_BAND_MIN  # exactly the threshold: out of band
+    under = b"u" * (_OUT_OF_BAND_MIN - 1)
+    g = {"d": {"a": a, "l": [b, (ba, at)]}, "under": under}
+    with open_session(server, backend) as s:
+        got = s.eval(
+            "import hashlib\n"
+            "x, y, (z, w) = d['a'], d['l'][0], d['l'][1]\n"
+            "z[0] = 1\n"
+            "[(type(v).__name__, hashlib.sha256(v).hexdigest()) for v in (x, y, z, w, under)]",
+            globals=g, locals={"also": b}).result(timeout=120)
+        ba2 = bytearray(ba)
+        ba2[0] = 1
+        assert got == [(type(v).__name__, digest(v)) for v in (a, b, ba2, at, under)]
+        # And back: the same structure as the value.
+        back = s.eval("d", globals=g).result(timeout=120)
+        assert back == g["d"] and type(back["l"][1][0]) is bytearray
+        assert type(back["a"]) is bytes and type(back["l"][1][1]) is bytes
+        # A large buffer in a raised exception's args: it travels in band, and works.
+        def boom():
+            raise ValueError(a[:2 * MIB])
+
+        with pytest.raises(ValueError) as e:
+            s.eval(boom).result(timeout=120)
+        assert e.value.args[0] == a[:2 * MIB]
+        # A large bytearray out.
+        out = s.eval("bytearray(b'z' * (4 << 20))").result(timeout=60)
+        assert type(out) is bytearray and out == bytearray(b"z" * (4 << 20))
+
+
+@pytest.mark.parametrize("backend", ["subinterp", "fork"])
+def test_a_function_atom_takes_its_buffers_after_those_of_its_globals(server, backend):
+    # The pickles take the EVAL's buffers in wire order: globals, then the function.
+    g = os.urandom(MIB)
+    mine = bytearray(os.urandom(2 * MIB))
+
+    def f():
+        import hashlib
+
+        return [(type(v).__name__, hashlib.sha256(v).hexdigest()) for v in (mine, shared)]  # noqa: F821
+
+    with open_session(server, backend) as s:
+        got = s.eval(f, globals={"shared": g}).result(timeout=60)
+    assert got == [("bytearray", digest(mine)), ("bytes", digest(g))]

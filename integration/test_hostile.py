@@ -8,6 +8,7 @@ on connections of its own; the victim was opened before the attack."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -89,6 +90,28 @@ def giant_length_prefix_after_handshake(server):
     assert c.is_closed(5)
 
 
+def eval_whose_buffer_lengths_run_past_the_frame(server):
+    # Two out-of-band buffers of 1 GiB each declared in a frame of a few bytes
+    # (version 2's buffers field): refused as a bad frame, nothing allocated.
+    c = authed(server)
+    body = bytes([wire.SOURCE]) + wire.p_opt_u64(None) + b"\0\0" + wire.p_str("1")
+    body += struct.pack(">III", 2, 1 << 30, 1 << 30) + b"x" * 16
+    c.send(wire.encode(wire.EVAL, 1, body))
+    f = c.read_kind(wire.ERROR, 5)
+    assert f.decoded["code"] == wire.BAD_FRAME, f
+    assert c.is_closed(5)
+
+
+def eval_with_a_buffer_count_larger_than_the_frame(server):
+    c = authed(server)
+    body = bytes([wire.SOURCE]) + wire.p_opt_u64(None) + b"\0\0" + wire.p_str("1")
+    body += struct.pack(">I", 0xFFFFFFFF)
+    c.send(wire.encode(wire.EVAL, 1, body))
+    f = c.read_kind(wire.ERROR, 5)
+    assert f.decoded["code"] == wire.BAD_FRAME, f
+    assert c.is_closed(5)
+
+
 def unknown_kind(server):
     c = raw(server)
     c.send(wire.encode(0x7F, 0, b"hello?"))
@@ -159,6 +182,8 @@ ATTACKS = [
     attach_with_guessed_secret,
     half_open_connections,
     never_reads_its_output,
+    eval_whose_buffer_lengths_run_past_the_frame,
+    eval_with_a_buffer_count_larger_than_the_frame,
 ]
 
 
@@ -216,3 +241,25 @@ def test_fuzzed_frames_from_many_connections_leave_memory_bounded(server):
     assert grown_mb < 16, f"server RSS grew {grown_mb:.1f} MB over four more rounds of attacks"
     assert_healthy(victim, 2, lines=5000)
     victim.close()
+
+
+def test_pickles_that_take_too_few_or_too_many_buffers_fail_their_atom_only(server):
+    # Well-framed EVALs whose pickles disagree with their buffers: the atom
+    # fails with an UnpicklingError, the session goes on.
+    class TakesOne(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("bytes", 0) if obj == b"big" else None
+
+    out = io.BytesIO()
+    TakesOne(out, protocol=5).dump({"x": b"big"})
+    cases = {1: (pickle.dumps({"x": 1}, protocol=5), [b"unused"]), 2: (out.getvalue(), [])}
+    s = wire.open_session(server.host, server.port, server.token)
+    for atom, (pickled, buffers) in cases.items():
+        body = bytes([wire.SOURCE]) + wire.p_opt_u64(None) + wire.p_opt_bytes(pickled) + b"\0" + wire.p_str("1")
+        body += struct.pack(">I", len(buffers)) + b"".join(struct.pack(">I", len(b)) for b in buffers)
+        s.main.send(wire.encode(wire.EVAL, atom, body + b"".join(buffers)))
+        _, res = s.collect(atom)
+        assert res.kind == wire.RESULT and not res.decoded["ok"], res
+        assert "UnpicklingError" in res.decoded["type_name"], res
+    assert_healthy(s, 3)
+    s.close()

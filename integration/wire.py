@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 CHALLENGE, HELLO, WELCOME = 0x01, 0x02, 0x03
 EVAL, CANCEL, CLOSE = 0x10, 0x11, 0x12
@@ -146,6 +146,7 @@ def eval_frame(atom: int, payload: bytes | str, *, kind: int = SOURCE, timeout_m
     if isinstance(payload, str):
         payload = payload.encode()
     body = bytes([kind]) + p_opt_u64(timeout_ms) + p_opt_bytes(globals_) + p_opt_bytes(locals_) + p_str(payload)
+    body += b"\x00\x00\x00\x00"  # no out-of-band buffers
     return encode(EVAL, atom, body)
 
 
@@ -174,6 +175,9 @@ def decode(kind: int, payload: bytes) -> dict:
         d = dict(duration_us=f.u64())
         if f.u8() == 0:
             d.update(ok=True, value=f.bytes())
+            n = f.u32()
+            lengths = [f.u32() for _ in range(n)]
+            d.update(buffers=[f.take(k) for k in lengths])
         else:
             d.update(ok=False, origin=f.u8(), type_name=f.str(), message=f.str(), traceback=f.str(),
                      pickled=f.opt_bytes())

@@ -92,6 +92,7 @@ fn function_atom_is_called_with_no_arguments() {
         globals: None,
         locals: None,
         timeout: None,
+        buffers: Vec::new(),
     });
     assert_eq!(repr_of(engine(), &rec.value()), "42");
 }
@@ -109,6 +110,7 @@ fn code_atom_is_evaluated_with_globals_and_locals() {
         globals: Some(globals),
         locals: Some(locals),
         timeout: None,
+        buffers: Vec::new(),
     });
     assert_eq!(repr_of(engine(), &rec.value()), "42");
 }

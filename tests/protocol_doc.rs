@@ -98,6 +98,7 @@ fn example() -> Vec<(&'static str, Vec<u8>)> {
                 globals: None,
                 locals: None,
                 timeout_ms: Some(5000),
+                buffers: Vec::new(),
             })
             .to_frame(1),
         ),
@@ -120,6 +121,7 @@ fn example() -> Vec<(&'static str, Vec<u8>)> {
                 outcome: Outcome::Value {
                     // pickle.dumps(42, protocol=5)
                     pickled: vec![0x80, 0x05, 0x4b, 0x2a, 0x2e],
+                    buffers: Vec::new(),
                 },
             })
             .to_frame(1),

@@ -62,6 +62,7 @@ impl Backend for FakeEngine {
                         duration_us: 1,
                         outcome: Outcome::Value {
                             pickled: atom.payload,
+                            buffers: atom.buffers,
                         },
                     },
                 );
@@ -218,6 +219,7 @@ fn eval(source: &str) -> Message {
         globals: None,
         locals: None,
         timeout_ms: None,
+        buffers: Vec::new(),
     })
 }
 

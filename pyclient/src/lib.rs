@@ -154,6 +154,10 @@ struct PyOutcome {
     /// pickle): `bytes`, or for a large value a read-only bytes-like `Value`.
     #[pyo3(get)]
     pickled: Option<Py<PyAny>>,
+    /// A value's out-of-band buffers, as read-only bytes-like `Value`s, in the
+    /// order its pickle takes them (empty for an exception).
+    #[pyo3(get)]
+    buffers: Vec<Py<PyAny>>,
     /// Failure origin code (0 raised, 1 timeout, 2 cancelled, 3 version mismatch,
     /// 4 worker died, 5 shutdown, 6 server error); 0 for a value.
     #[pyo3(get)]
@@ -230,20 +234,24 @@ impl PyNotifier {
 /// buffer rather than as a copy in a `bytes`.
 const VALUE_VIEW_MIN: usize = 64 * 1024;
 
-/// A large pickled value, exposed read-only through the buffer protocol
-/// straight from the buffer the reader thread filled: `pickle.loads` reads it
-/// where it lies, so the value is copied once (into the objects it unpickles to).
+/// A large pickled value or one of a value's out-of-band buffers, exposed
+/// read-only through the buffer protocol straight from the buffer the reader
+/// thread filled: Python reads it where it lies, so it is copied once (into the
+/// objects it unpickles to).
 #[pyclass(frozen, name = "Value", module = "pyproxy._native")]
 struct PyValue {
     done: Arc<Completion>,
+    /// None: the pickle; `Some(i)`: out-of-band buffer i.
+    index: Option<usize>,
 }
 
 impl PyValue {
     fn data(&self) -> &[u8] {
         match &*self.done {
-            Completion::Result(r) => match &r.outcome {
-                Outcome::Value { pickled } => pickled,
-                Outcome::Exception(_) => &[],
+            Completion::Result(r) => match (&r.outcome, self.index) {
+                (Outcome::Value { pickled, .. }, None) => pickled,
+                (Outcome::Value { buffers, .. }, Some(i)) => buffers.get(i).map_or(&[], |b| b),
+                (Outcome::Exception(_), _) => &[],
             },
             _ => &[],
         }
@@ -286,24 +294,88 @@ impl PyValue {
     fn __len__(&self) -> usize {
         self.data().len()
     }
+
+    /// A new `bytes` holding a copy (the one copy the client makes of an
+    /// out-of-band buffer, into memory advised to use huge pages).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.copy_into(py, false)
+    }
+
+    /// A new `bytearray` holding a copy, as for `to_bytes`.
+    fn to_bytearray<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.copy_into(py, true)
+    }
+}
+
+impl PyValue {
+    fn copy_into<'py>(&self, py: Python<'py>, as_bytearray: bool) -> PyResult<Bound<'py, PyAny>> {
+        use pyo3::ffi;
+        let data = self.data();
+        let n = data.len() as ffi::Py_ssize_t;
+        // SAFETY: a new object of `n` uninitialised bytes is filled completely
+        // before Python sees it; the GIL is held (`py`).
+        unsafe {
+            let (obj, dst) = if as_bytearray {
+                let o = ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n);
+                (
+                    o,
+                    if o.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        ffi::PyByteArray_AsString(o)
+                    },
+                )
+            } else {
+                let o = ffi::PyBytes_FromStringAndSize(std::ptr::null(), n);
+                (
+                    o,
+                    if o.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        ffi::PyBytes_AsString(o)
+                    },
+                )
+            };
+            let obj = Bound::from_owned_ptr_or_err(py, obj)?;
+            if dst.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            pyproxy::protocol::buffer::advise_huge_pages(dst.cast::<u8>(), data.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast::<u8>(), data.len());
+            Ok(obj)
+        }
+    }
 }
 
 fn outcome(py: Python<'_>, atom: u64, done: &Arc<Completion>) -> PyResult<PyOutcome> {
     match &**done {
         Completion::Result(r) => Ok(match &r.outcome {
-            Outcome::Value { pickled } => PyOutcome {
+            Outcome::Value { pickled, buffers } => PyOutcome {
                 is_exception: false,
                 pickled: Some(if pickled.len() >= VALUE_VIEW_MIN {
                     Py::new(
                         py,
                         PyValue {
                             done: Arc::clone(done),
+                            index: None,
                         },
                     )?
                     .into_any()
                 } else {
                     PyBytes::new(py, pickled).into_any().unbind()
                 }),
+                buffers: (0..buffers.len())
+                    .map(|i| {
+                        Py::new(
+                            py,
+                            PyValue {
+                                done: Arc::clone(done),
+                                index: Some(i),
+                            },
+                        )
+                        .map(Py::into_any)
+                    })
+                    .collect::<PyResult<_>>()?,
                 origin: 0,
                 type_name: String::new(),
                 message: String::new(),
@@ -316,6 +388,7 @@ fn outcome(py: Python<'_>, atom: u64, done: &Arc<Completion>) -> PyResult<PyOutc
                     .pickled
                     .as_ref()
                     .map(|p| PyBytes::new(py, p).into_any().unbind()),
+                buffers: Vec::new(),
                 origin: e.origin as u8,
                 type_name: e.type_name.clone(),
                 message: e.message.clone(),
@@ -430,7 +503,10 @@ impl PyConnection {
     /// Each of `payload`, `globals` and `locals` is `bytes`, or a list of
     /// C-contiguous bytes-like pieces that the field is the concatenation of
     /// (written to the socket from where they lie, without joining them).
-    #[pyo3(signature = (kind, payload, globals=None, locals=None, timeout_ms=None))]
+    /// `buffers`: the EVAL's out-of-band buffers (bytes-like, C-contiguous), in
+    /// the order the pickles take them; written from where they lie too.
+    #[pyo3(signature = (kind, payload, globals=None, locals=None, timeout_ms=None, buffers=None))]
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         py: Python<'_>,
@@ -439,6 +515,7 @@ impl PyConnection {
         globals: Option<&Bound<'_, PyAny>>,
         locals: Option<&Bound<'_, PyAny>>,
         timeout_ms: Option<u64>,
+        buffers: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let kind = AtomKind::from_wire(kind)
             .map_err(|_| PyValueError::new_err(format!("unknown atom kind {kind}")))?;
@@ -450,8 +527,13 @@ impl PyConnection {
             globals.as_ref().map(Pieces::slices),
             locals.as_ref().map(Pieces::slices),
         );
+        let buffers = match buffers {
+            Some(b) => Some(Pieces::extract(b)?),
+            None => None,
+        };
+        let b = buffers.as_ref().map(Pieces::slices).unwrap_or_default();
         let s = &self.inner;
-        py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms))
+        py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b))
             .map_err(|e| to_pyerr(py, e))
     }
 

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pyproxy::protocol::{AtomResult, Frame, Header, Kind, Message, Outcome, HEADER_SIZE};
+use pyproxy::protocol::{Frame, Header, Kind, Message, HEADER_SIZE};
 
 use crate::error::code_name;
 use crate::notify::Pipe;
@@ -79,88 +79,43 @@ impl Cause {
 /// buffer of their final size instead of through `scratch` and `data`.
 const BIG_FRAME: usize = 1024 * 1024;
 
-/// Bytes of a RESULT payload before a value: duration_us, outcome, the value's length.
-const RESULT_HEAD: usize = 8 + 1 + 4;
-
-/// A large frame being read in place: its header, and its payload so far.
-/// A main-stream RESULT is split: its first [`RESULT_HEAD`] bytes go to
-/// `head` and the rest (the pickled value) to `payload`, so the value lands
-/// in a buffer of its own and never has to be moved to the front.
+/// A large frame being read in place: its header, and its payload so far, in
+/// one buffer of its final size (huge pages: see `protocol::buffer::for_writing`).
+/// Decoding then shares that buffer with a RESULT's out-of-band buffers.
 struct BigFrame {
     kind: Kind,
     request_id: u64,
-    head: Vec<u8>,
-    head_filled: usize,
     payload: Vec<u8>,
     filled: usize,
 }
 
 impl BigFrame {
-    fn new(kind: Kind, request_id: u64, len: usize, split: bool, have: &[u8]) -> BigFrame {
-        let head_len = if split { RESULT_HEAD } else { 0 };
-        let mut b = BigFrame {
+    fn new(kind: Kind, request_id: u64, len: usize, have: &[u8]) -> BigFrame {
+        let mut payload = pyproxy::protocol::buffer::for_writing(len);
+        payload[..have.len()].copy_from_slice(have);
+        BigFrame {
             kind,
             request_id,
-            head: vec![0u8; head_len],
-            head_filled: 0,
-            payload: vec![0u8; len - head_len],
-            filled: 0,
-        };
-        let h = have.len().min(head_len);
-        b.head[..h].copy_from_slice(&have[..h]);
-        b.head_filled = h;
-        b.payload[..have.len() - h].copy_from_slice(&have[h..]);
-        b.filled = have.len() - h;
-        b
+            payload,
+            filled: have.len(),
+        }
     }
 
     fn unfilled(&mut self) -> &mut [u8] {
-        if self.head_filled < self.head.len() {
-            &mut self.head[self.head_filled..]
-        } else {
-            &mut self.payload[self.filled..]
-        }
+        &mut self.payload[self.filled..]
     }
 
     fn advance(&mut self, n: usize) {
-        if self.head_filled < self.head.len() {
-            self.head_filled += n;
-        } else {
-            self.filled += n;
-        }
+        self.filled += n;
     }
 
     fn complete(&self) -> bool {
-        self.head_filled == self.head.len() && self.filled == self.payload.len()
+        self.filled == self.payload.len()
     }
 
-    fn finish(self) -> Incoming {
-        if self.head.len() == RESULT_HEAD {
-            let duration_us = u64::from_be_bytes(self.head[..8].try_into().expect("8 bytes"));
-            let value_len = u32::from_be_bytes(self.head[9..].try_into().expect("4 bytes"));
-            if self.head[8] == 0 && value_len as usize == self.payload.len() {
-                return Incoming::Value {
-                    request_id: self.request_id,
-                    duration_us,
-                    pickled: self.payload,
-                };
-            }
-        }
-        // Not a value (or not well-formed): the frame as it came, for the decoder.
-        let mut payload = self.head;
-        payload.extend_from_slice(&self.payload);
-        Incoming::Frame(Frame::new(self.kind, self.request_id, payload))
+    fn finish(self) -> Frame {
+        Frame::new(self.kind, self.request_id, self.payload)
     }
-}
-
-/// What an inbox yields: frames, or a large RESULT value already split out.
-enum Incoming {
-    Frame(Frame),
-    Value {
-        request_id: u64,
-        duration_us: u64,
-        pickled: Vec<u8>,
-    },
 }
 
 /// Bytes read from one stream and not yet cut into frames.
@@ -191,12 +146,7 @@ impl Inbox {
     }
 
     /// Takes `n` bytes just read into [`Inbox::read_buf`]; returns every frame now complete.
-    fn received(
-        &mut self,
-        scratch: &[u8],
-        n: usize,
-        max_frame: u32,
-    ) -> Result<Vec<Incoming>, Cause> {
+    fn received(&mut self, scratch: &[u8], n: usize, max_frame: u32) -> Result<Vec<Frame>, Cause> {
         if let Some(b) = &mut self.big {
             b.advance(n);
             if !b.complete() {
@@ -206,11 +156,7 @@ impl Inbox {
             return Ok(vec![b.finish()]);
         }
         self.data.extend_from_slice(&scratch[..n]);
-        Ok(self
-            .frames(max_frame)?
-            .into_iter()
-            .map(Incoming::Frame)
-            .collect())
+        Ok(self.frames(max_frame)?.into_iter().collect())
     }
 
     /// Every complete frame in the buffer.
@@ -233,9 +179,8 @@ impl Inbox {
         if let Ok(Some(h)) = Header::parse(rest, max_frame) {
             let len = h.payload_len as usize;
             if len >= BIG_FRAME {
-                let split = h.kind == Kind::Result && self.name == "main-stream";
                 let have = &rest[HEADER_SIZE..];
-                self.big = Some(BigFrame::new(h.kind, h.request_id, len, split, have));
+                self.big = Some(BigFrame::new(h.kind, h.request_id, len, have));
                 self.start = self.data.len();
             }
         }
@@ -439,30 +384,20 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
             if frames.is_empty() {
                 continue;
             }
-            // Decode main-stream frames before taking the lock: a large RESULT's
-            // value is moved within its buffer, which should not hold up wait().
+            // Decode main-stream frames before taking the lock: a large RESULT
+            // without out-of-band buffers has its value moved within its buffer,
+            // which should not hold up wait().
             let frames: Vec<(Frame, Option<Result<Message, Cause>>)> = frames
                 .into_iter()
-                .map(|incoming| match incoming {
-                    Incoming::Value {
-                        request_id,
-                        duration_us,
-                        pickled,
-                    } => (
-                        Frame::new(Kind::Result, request_id, Vec::new()),
-                        Some(Ok(Message::Result(AtomResult {
-                            duration_us,
-                            outcome: Outcome::Value { pickled },
-                        }))),
-                    ),
-                    Incoming::Frame(mut f) if i == 0 => {
+                .map(|frame| match frame {
+                    mut f if i == 0 => {
                         let payload = std::mem::take(&mut f.payload);
                         let msg = Message::decode_owned(f.kind, payload).map_err(|e| {
                             Cause::Protocol(format!("undecodable {} on main-stream: {e}", f.kind))
                         });
                         (f, Some(msg))
                     }
-                    Incoming::Frame(f) => (f, None),
+                    f => (f, None),
                 })
                 .collect();
             // One lock and one wake-up per read, however many frames it held.
@@ -610,7 +545,7 @@ pub(crate) mod tests {
             off += n;
             got.extend(inbox.received(&scratch, n, DEFAULT_MAX_FRAME).unwrap());
         }
-        let [Incoming::Frame(f)] = &got[..] else {
+        let [f] = &got[..] else {
             panic!("expected one frame")
         };
         assert_eq!(Message::decode(f).unwrap(), msg);
@@ -622,7 +557,8 @@ pub(crate) mod tests {
         let big = Message::Result(AtomResult {
             duration_us: 1,
             outcome: Outcome::Value {
-                pickled: value.clone(),
+                pickled: b"pickle".to_vec(),
+                buffers: vec![value.clone().into()],
             },
         });
         let small = Message::EndOfOutput;
@@ -641,19 +577,10 @@ pub(crate) mod tests {
         }
         assert!(in_place && inbox.big.is_none());
         assert_eq!(frames.len(), 2);
-        // The value arrives split out of the RESULT, in a buffer of its own.
-        let Incoming::Value {
-            request_id: 5,
-            duration_us: 1,
-            pickled,
-        } = frames.remove(0)
-        else {
-            panic!("expected the RESULT's value")
-        };
-        assert!(pickled == value);
-        let Incoming::Frame(f) = &frames[0] else {
-            panic!("expected a frame")
-        };
+        // The frame arrives whole; decoding shares it with the value's buffer.
+        let f = frames.remove(0);
+        assert_eq!(Message::decode_owned(f.kind, f.payload).unwrap(), big);
+        let f = &frames[0];
         assert_eq!(Message::decode(f).unwrap(), small);
     }
 
@@ -810,6 +737,7 @@ pub(crate) mod tests {
             duration_us: 5,
             outcome: Outcome::Value {
                 pickled: pickled.to_vec(),
+                buffers: Vec::new(),
             },
         })
     }
@@ -876,7 +804,7 @@ pub(crate) mod tests {
 
         match &*wait(&s, 1) {
             Completion::Result(AtomResult {
-                outcome: Outcome::Value { pickled },
+                outcome: Outcome::Value { pickled, .. },
                 ..
             }) => assert_eq!(pickled, b"v1"),
             other => panic!("{other:?}"),

@@ -640,6 +640,7 @@ impl Session {
             g.as_ref().map(|g| &g[..]),
             l.as_ref().map(|l| &l[..]),
             timeout_ms,
+            &[],
         )
     }
 
@@ -652,9 +653,15 @@ impl Session {
         globals: Option<&[&[u8]]>,
         locals: Option<&[&[u8]]>,
         timeout_ms: Option<u64>,
+        buffers: &[&[u8]],
     ) -> Result<u64> {
         let len = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>();
-        let size = len(payload) + globals.map_or(0, len) + locals.map_or(0, len) + 64;
+        let size = len(payload)
+            + globals.map_or(0, len)
+            + locals.map_or(0, len)
+            + len(buffers)
+            + 4 * buffers.len()
+            + 64;
         let max = self.info.limits.max_frame;
         if size + HEADER_SIZE > max as usize {
             return Err(ClientError::TooLarge { size, max });
@@ -682,6 +689,7 @@ impl Session {
             globals,
             locals,
             payload,
+            buffers,
         )
         .and_then(|()| writer.flush().map_err(Into::into))
         {

@@ -5,7 +5,7 @@ sub-interpreter it creates (one copy per interpreter: no object is ever shared
 between interpreters) and calls, with that interpreter's GIL held:
 
 * ``setup(out_fd, err_fd, workdir, preload, environ, wake_fd)`` once, right after creation;
-* ``run(kind, payload, globals, locals)`` for every atom;
+* ``run(kind, payload, globals, locals, take, count)`` for every atom;
 * ``reset()`` when a session ends, so that the next session finds the
   interpreter as it was when it was warmed up.
 
@@ -247,13 +247,83 @@ def _safe_str(obj):
         return f"<str() failed: {type(e).__name__}>"
 
 
+# Buffers at least this large travel out of band, after the pickle
+# (docs/protocol.md, "Out-of-band buffers"); smaller ones stay in it.
+_OOB_MIN = 64 * 1024
+
+
+def _has_big_buffers(obj, depth=2):
+    """Whether `obj` holds a large ``bytes`` or ``bytearray`` near the top (as
+    itself, or in a dict, list or tuple two levels down): only then is the value
+    pickled with a ``persistent_id`` (a Python call per object). A miss only means
+    that buffer is copied into the pickle."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= _OOB_MIN
+    if depth == 0:
+        return False
+    if t is dict:
+        items = obj.values()
+    elif t is list or t is tuple:
+        items = obj
+    else:
+        return False
+    if len(items) > 1000:
+        return True
+    return any(_has_big_buffers(v, depth - 1) for v in items)
+
+
+def _oob_pickler(base):
+    class Pickler(base):
+        """Sets large ``bytes`` and ``bytearray`` aside as persistent ids (the C
+        pickler offers them to no other hook): ``("bytes", i)`` or
+        ``("bytearray", i)``, i their index among the message's buffers."""
+
+        def persistent_id(self, obj):
+            t = type(obj)
+            if (t is bytes or t is bytearray) and len(obj) >= _OOB_MIN:
+                self.oob.append(obj)
+                return ("bytes" if t is bytes else "bytearray", len(self.oob) - 1)
+            return None
+
+    return Pickler
+
+
+_OobPickler = _oob_pickler(_pickle.Pickler)
+_OobCloudPickler = _oob_pickler(_cloudpickle.Pickler)
+
+
+def _dumps_oob(value, cls, plain):
+    buffers = []
+
+    def keep(pb):
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: pickled in band
+            return True
+        if raw.nbytes < _OOB_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    if not _has_big_buffers(value):
+        return plain(value, protocol=5, buffer_callback=keep), buffers
+    out = _io.BytesIO()
+    pickler = cls(out, protocol=5, buffer_callback=keep)
+    pickler.oob = buffers
+    pickler.dump(value)
+    return out.getvalue(), buffers
+
+
 def _dumps(value):
+    """(pickle, buffers): the value pickled with protocol 5, its large buffers
+    out of band, in the order the pickle takes them."""
     try:
-        return _pickle.dumps(value, protocol=5)
+        return _dumps_oob(value, _OobPickler, _pickle.dumps)
     except Exception:
         pass
     try:
-        return _cloudpickle.dumps(value, protocol=5)
+        return _dumps_oob(value, _OobCloudPickler, _cloudpickle.dumps)
     except Exception as e:
         raise TypeError(
             f"the atom's return value of type {_qualname(type(value))} cannot be pickled: "
@@ -301,18 +371,80 @@ def _run_source(src, ns, loc):
     return eval(value, ns, loc) if value is not None else None
 
 
-def _run(kind, payload, gbytes, lbytes):
+class _OobUnpickler(_pickle.Unpickler):
+    def persistent_load(self, pid):
+        return self.oob.persistent_load(pid)
+
+
+class _Buffers:
+    """The `count` out-of-band buffers of one message, taken in order by its
+    pickles: a persistent id ``("bytes", i)`` or ``("bytearray", i)`` takes
+    buffer i, which must be the next one, as that type; a ``NEXT_BUFFER`` opcode
+    takes the next one as a ``bytearray`` (writable, as protocol 5 gives it to
+    numpy). ``take(i, as_bytearray)`` makes the object (the engine's copies the
+    frame's bytes once; the fork worker's hands over what it read)."""
+
+    def __init__(self, take, count):
+        self._fetch = take
+        self._count = count
+        self._next = 0
+
+    def _take(self, as_bytearray):
+        i = self._next
+        if i >= self._count:
+            raise _pickle.UnpicklingError(
+                f"the pickle takes more out-of-band buffers than the {self._count} sent"
+            )
+        self._next = i + 1
+        return self._fetch(i, as_bytearray)
+
+    def persistent_load(self, pid):
+        if type(pid) is tuple and len(pid) == 2 and pid[1] == self._next:
+            if pid[0] == "bytes":
+                return self._take(False)
+            if pid[0] == "bytearray":
+                return self._take(True)
+        raise _pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._take(True)
+
+    def loads(self, data):
+        if not self._count:
+            return _pickle.loads(data)
+        u = _OobUnpickler(_io.BytesIO(data), buffers=self)
+        u.oob = self
+        return u.load()
+
+    def finish(self):
+        if self._next != self._count:
+            raise _pickle.UnpicklingError(
+                f"{self._count} out-of-band buffers were sent, the pickles took {self._next}"
+            )
+
+
+def _run(kind, payload, gbytes, lbytes, take, count):
     ns = {"__builtins__": _builtins, "__name__": "__main__"}
-    g = _pickle.loads(gbytes) if gbytes is not None else None
-    loc = _pickle.loads(lbytes) if lbytes is not None else None
+    taken = _Buffers(take, count)
+    g = taken.loads(gbytes) if gbytes is not None else None
+    loc = taken.loads(lbytes) if lbytes is not None else None
+    fn = code = None
+    if kind == _CODE:
+        code = taken.loads(payload)
+    elif kind == _FUNCTION:
+        fn = taken.loads(payload)
+    taken.finish()
+    del taken, take
     if g is not None:
         ns.update(g)
     if kind == _SOURCE:
         return _run_source(payload.decode("utf-8"), ns, loc)
     if kind == _CODE:
-        return eval(_pickle.loads(payload), ns, loc)
+        return eval(code, ns, loc)
     if kind == _FUNCTION:
-        fn = _pickle.loads(payload)
         # A function carries its own globals; the atom's globals are added to them.
         fg = getattr(fn, "__globals__", None)
         if g is not None and type(fg) is dict:
@@ -376,11 +508,13 @@ def _flush():
             pass
 
 
-def run(kind, payload, gbytes, lbytes):
-    """Returns (0, pickled value) or (1, type name, message, traceback, pickled exception or None)."""
+def run(kind, payload, gbytes, lbytes, take=None, count=0):
+    """Returns (0, pickled value, [out-of-band buffers]) or (1, type name, message,
+    traceback, pickled exception or None). `take(i, as_bytearray)` gives the EVAL's
+    out-of-band buffer i as a new ``bytes`` or ``bytearray``; `count` of them."""
     try:
         try:
-            return (0, _dumps(_run(kind, payload, gbytes, lbytes)))
+            return (0, *_dumps(_run(kind, payload, gbytes, lbytes, take, count)))
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are results too
             return _exception_result(e)
         finally:

@@ -27,7 +27,7 @@ use pyo3::ffi;
 
 use super::error::EngineError;
 use super::python::{self, PyRef};
-use crate::protocol::AtomKind;
+use crate::protocol::{AtomKind, Buffer};
 
 /// The helper module exec'd into every interpreter.
 const HELPER_SOURCE: &str = include_str!("helper.py");
@@ -36,7 +36,11 @@ const HELPER_FILE: &str = "<pyproxy-engine>";
 /// What running an atom produced, before interruptions are accounted for.
 #[derive(Debug)]
 pub(crate) enum RawOutcome {
-    Value(Vec<u8>),
+    /// The pickled value and the out-of-band buffers it refers to.
+    Value {
+        pickled: Vec<u8>,
+        buffers: Vec<Buffer>,
+    },
     Raised {
         type_name: String,
         message: String,
@@ -318,6 +322,7 @@ impl Interp {
 
     /// Runs one atom on the calling executor thread (`tstate` from
     /// [`exec_tstate`]); blocks until the atom returns. Output goes to the pipes.
+    #[allow(clippy::too_many_arguments)] // the atom's fields, borrowed from its request
     pub(crate) fn run_atom(
         &self,
         tstate: *mut ffi::PyThreadState,
@@ -326,6 +331,7 @@ impl Interp {
         payload: &[u8],
         globals: Option<&[u8]>,
         locals: Option<&[u8]>,
+        buffers: &[Buffer],
     ) -> RawOutcome {
         debug_assert!(!self.ended.load(Ordering::Acquire));
         let thread = python::thread_ident();
@@ -335,7 +341,7 @@ impl Interp {
             ffi::PyEval_RestoreThread(tstate);
             self.running_thread.store(thread, Ordering::Release);
             self.running_atom.store(atom, Ordering::Release);
-            let outcome = self.call_run(kind, payload, globals, locals);
+            let outcome = self.call_run(kind, payload, globals, locals, buffers);
             self.running_atom.store(0, Ordering::Release);
             // An interrupt aimed at this atom that has not been delivered yet must
             // not hit the next one.
@@ -354,11 +360,23 @@ impl Interp {
         payload: &[u8],
         globals: Option<&[u8]>,
         locals: Option<&[u8]>,
+        buffers: &[Buffer],
     ) -> RawOutcome {
         unsafe {
             let opt = |b: Option<&[u8]>| match b {
                 Some(b) => python::bytes(b),
                 None => Some(python::none()),
+            };
+            // The out-of-band buffers go in as `take(i, as_bytearray)`, which
+            // makes each into the `bytes` or `bytearray` its pickle asks for
+            // with one copy; None when there are none.
+            let taker = if buffers.is_empty() {
+                Some(python::none())
+            } else {
+                python::buffer_taker(buffers)
+            };
+            let Some(taker) = taker else {
+                return RawOutcome::Internal(python::take_error());
             };
             let args = (|| {
                 Some(vec![
@@ -366,6 +384,8 @@ impl Interp {
                     python::bytes(payload)?,
                     opt(globals)?,
                     opt(locals)?,
+                    taker,
+                    PyRef::new(ffi::PyLong_FromSize_t(buffers.len()))?,
                 ])
             })();
             let Some(args) = args else {
@@ -477,16 +497,31 @@ impl Interp {
     }
 }
 
-/// Decodes the helper's `(0, value)` / `(1, type, message, traceback, pickled)`.
+/// Decodes the helper's `(0, value, buffers)` / `(1, type, message, traceback, pickled)`.
 unsafe fn decode_result(t: *mut ffi::PyObject) -> RawOutcome {
     unsafe {
         let item = |i| ffi::PyTuple_GetItem(t, i);
         let tag = ffi::PyLong_AsLong(item(0));
         if tag == 0 {
-            return match python::bytes_to_vec(item(1)) {
-                Some(v) => RawOutcome::Value(v),
-                None => RawOutcome::Internal("helper returned no bytes".into()),
+            let Some(pickled) = python::bytes_to_vec(item(1)) else {
+                return RawOutcome::Internal("helper returned no bytes".into());
             };
+            // One copy of each buffer (the value's own `bytes`, an array's
+            // data) into memory the network layer owns; the pickle refers to them.
+            let list = item(2);
+            let n = ffi::PyList_Size(list);
+            let mut buffers = Vec::with_capacity(n.max(0) as usize);
+            for i in 0..n.max(0) {
+                match python::buffer_to_vec(ffi::PyList_GetItem(list, i)) {
+                    Some(v) => buffers.push(Buffer::from(v)),
+                    None => return RawOutcome::Internal("helper returned a bad buffer".into()),
+                }
+            }
+            if n < 0 {
+                ffi::PyErr_Clear();
+                return RawOutcome::Internal("helper returned no buffer list".into());
+            }
+            return RawOutcome::Value { pickled, buffers };
         }
         let text = |i| python::str_to_string(item(i)).unwrap_or_default();
         let pickled = item(4);

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::protocol::{AtomKind, AtomResult, FailureOrigin};
+use crate::protocol::{AtomKind, AtomResult, Buffer, FailureOrigin};
 
 /// Settings the engine is started with (from the command line).
 #[derive(Clone, Debug)]
@@ -44,6 +44,8 @@ pub struct AtomRequest {
     pub globals: Option<Vec<u8>>,
     /// Pickled dict, or None.
     pub locals: Option<Vec<u8>>,
+    /// Out-of-band buffers the pickles refer to, in the order they take them.
+    pub buffers: Vec<Buffer>,
     /// Overrides the engine's default timeout.
     pub timeout: Option<Duration>,
 }

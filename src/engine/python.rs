@@ -15,6 +15,7 @@
 //! keeps sub-interpreter thread states (which the pool thread deletes on behalf
 //! of executors) out of it.
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_char, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use std::ptr;
 use pyo3::ffi;
 
 use super::error::EngineError;
+use crate::protocol::{buffer, Buffer};
 
 /// An owned reference to a Python object. Must be created, used and dropped with
 /// the GIL of the interpreter that owns the object held by the current thread.
@@ -64,6 +66,204 @@ pub(crate) unsafe fn bytes(data: &[u8]) -> Option<PyRef> {
             data.as_ptr().cast(),
             data.len() as ffi::Py_ssize_t,
         ))
+    }
+}
+
+/// What the `take` function of [`buffer_taker`] holds: shared handles on the
+/// EVAL's buffers (no copy), freed with the capsule.
+struct Taker {
+    buffers: Vec<Buffer>,
+}
+
+const TAKER_NAME: &CStr = c"pyproxy.buffers";
+
+struct MethodDef(UnsafeCell<ffi::PyMethodDef>);
+// SAFETY: CPython only reads the definition; it is never written.
+unsafe impl Sync for MethodDef {}
+
+static TAKE_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
+    ml_name: c"take".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer { PyCFunction: take },
+    ml_flags: ffi::METH_VARARGS,
+    ml_doc: c"take(i, as_bytearray): out-of-band buffer i as a new bytes (or bytearray)".as_ptr(),
+}));
+
+/// `take(i, as_bytearray)`; `slf` is the capsule holding the [`Taker`].
+unsafe extern "C" fn take(slf: *mut ffi::PyObject, args: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        let taker = ffi::PyCapsule_GetPointer(slf, TAKER_NAME.as_ptr()).cast::<Taker>();
+        if taker.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: the capsule owns the Taker until it is freed, which cannot
+        // happen while this call holds the function (and so the capsule).
+        let taker: &Taker = &*taker;
+        let mut i: ffi::Py_ssize_t = 0;
+        let mut as_bytearray: std::ffi::c_int = 0;
+        if ffi::PyArg_ParseTuple(args, c"np".as_ptr(), &mut i, &mut as_bytearray) == 0 {
+            return ptr::null_mut();
+        }
+        let Some(buf) = usize::try_from(i).ok().and_then(|i| taker.buffers.get(i)) else {
+            ffi::PyErr_SetString(
+                ffi::PyExc_IndexError,
+                c"no such out-of-band buffer".as_ptr(),
+            );
+            return ptr::null_mut();
+        };
+        let n = buf.len() as ffi::Py_ssize_t;
+        let (obj, dst) = if as_bytearray != 0 {
+            let o = ffi::PyByteArray_FromStringAndSize(ptr::null(), n);
+            (
+                o,
+                if o.is_null() {
+                    ptr::null_mut()
+                } else {
+                    ffi::PyByteArray_AsString(o)
+                },
+            )
+        } else {
+            let o = ffi::PyBytes_FromStringAndSize(ptr::null(), n);
+            (
+                o,
+                if o.is_null() {
+                    ptr::null_mut()
+                } else {
+                    ffi::PyBytes_AsString(o)
+                },
+            )
+        };
+        if dst.is_null() {
+            return obj; // NULL with the error set
+        }
+        // The one copy of this buffer on the server, into pages not yet touched.
+        buffer::advise_huge_pages(dst.cast::<u8>(), buf.len());
+        ptr::copy_nonoverlapping(buf.as_ptr(), dst.cast::<u8>(), buf.len());
+        obj
+    }
+}
+
+unsafe extern "C" fn drop_taker(capsule: *mut ffi::PyObject) {
+    unsafe {
+        let p = ffi::PyCapsule_GetPointer(capsule, TAKER_NAME.as_ptr());
+        if p.is_null() {
+            ffi::PyErr_Clear();
+        } else {
+            drop(Box::from_raw(p.cast::<Taker>()));
+        }
+    }
+}
+
+/// A builtin function `take(i, as_bytearray)` of the current interpreter that
+/// returns out-of-band buffer `i` as a new `bytes` (or `bytearray`): the only
+/// copy of it the server makes, into memory advised to use huge pages. It
+/// shares `buffers` (no copy) for as long as Python keeps the function.
+pub(crate) unsafe fn buffer_taker(buffers: &[Buffer]) -> Option<PyRef> {
+    unsafe {
+        let taker = Box::into_raw(Box::new(Taker {
+            buffers: buffers.to_vec(),
+        }));
+        let Some(capsule) = PyRef::new(ffi::PyCapsule_New(
+            taker.cast(),
+            TAKER_NAME.as_ptr(),
+            Some(drop_taker),
+        )) else {
+            drop(Box::from_raw(taker));
+            return None;
+        };
+        PyRef::new(ffi::PyCFunction_New(TAKE_DEF.0.get(), capsule.as_ptr()))
+    }
+}
+
+static READ_BYTES_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
+    ml_name: c"read_bytes".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer {
+        PyCFunction: read_bytes,
+    },
+    ml_flags: ffi::METH_VARARGS,
+    ml_doc:
+        c"read_bytes(fd, n): exactly n bytes read from fd into a new bytes; None at end of stream"
+            .as_ptr(),
+}));
+
+/// `read_bytes(fd, n)`: reads exactly `n` bytes from `fd` (blocking) straight
+/// into a new `bytes`, advised to use huge pages when large: the kernel's copy
+/// is the only one. None if the stream ends first; `OSError` on a failed read.
+unsafe extern "C" fn read_bytes(
+    _slf: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    unsafe {
+        let mut fd: std::ffi::c_int = 0;
+        let mut n: ffi::Py_ssize_t = 0;
+        if ffi::PyArg_ParseTuple(args, c"in".as_ptr(), &mut fd, &mut n) == 0 {
+            return ptr::null_mut();
+        }
+        if n < 0 {
+            ffi::PyErr_SetString(ffi::PyExc_ValueError, c"negative length".as_ptr());
+            return ptr::null_mut();
+        }
+        let Some(obj) = PyRef::new(ffi::PyBytes_FromStringAndSize(ptr::null(), n)) else {
+            return ptr::null_mut();
+        };
+        let dst = ffi::PyBytes_AsString(obj.as_ptr()).cast::<u8>();
+        buffer::advise_huge_pages(dst, n as usize);
+        let mut got = 0usize;
+        let ts = ffi::PyEval_SaveThread();
+        let failed = loop {
+            if got == n as usize {
+                break None;
+            }
+            let r = libc::read(fd, dst.add(got).cast(), n as usize - got);
+            if r > 0 {
+                got += r as usize;
+            } else if r == 0 {
+                break Some(None);
+            } else {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    break Some(Some(e));
+                }
+            }
+        };
+        ffi::PyEval_RestoreThread(ts);
+        match failed {
+            None => obj.into_ptr(),
+            Some(None) => none().into_ptr(),
+            Some(Some(e)) => {
+                let msg = CString::new(e.to_string()).unwrap_or_default();
+                ffi::PyErr_SetString(ffi::PyExc_OSError, msg.as_ptr());
+                ptr::null_mut()
+            }
+        }
+    }
+}
+
+/// The builtin function `read_bytes(fd, n)` (see [`read_bytes`]), for the
+/// fork worker to read an ATOM's out-of-band buffers with.
+pub(crate) unsafe fn read_bytes_function() -> Option<PyRef> {
+    unsafe {
+        PyRef::new(ffi::PyCFunction_New(
+            READ_BYTES_DEF.0.get(),
+            ptr::null_mut(),
+        ))
+    }
+}
+
+/// Copies the bytes of any C-contiguous buffer object (`bytes`, a
+/// `memoryview`…; borrowed reference). One copy, into a fresh `Vec` (huge
+/// pages when large, see `protocol::buffer::for_writing`).
+pub(crate) unsafe fn buffer_to_vec(obj: *mut ffi::PyObject) -> Option<Vec<u8>> {
+    unsafe {
+        let mut view: ffi::Py_buffer = std::mem::zeroed();
+        if ffi::PyObject_GetBuffer(obj, &mut view, ffi::PyBUF_C_CONTIGUOUS) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let src = std::slice::from_raw_parts(view.buf as *const u8, view.len as usize);
+        let mut out = crate::protocol::buffer::for_writing(src.len());
+        out.copy_from_slice(src);
+        ffi::PyBuffer_Release(&mut view);
+        Some(out)
     }
 }
 

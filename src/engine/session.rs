@@ -454,6 +454,7 @@ fn execute(
         &req.payload,
         req.globals.as_deref(),
         req.locals.as_deref(),
+        &req.buffers,
     );
     let duration_us = start.elapsed().as_micros() as u64;
     pump.finish();
@@ -483,7 +484,7 @@ fn execute(
 /// interrupt this engine caused.
 fn outcome(atom: u64, raw: RawOutcome, reason: Option<Interruption>) -> Outcome {
     match (raw, reason) {
-        (RawOutcome::Value(pickled), _) => Outcome::Value { pickled },
+        (RawOutcome::Value { pickled, buffers }, _) => Outcome::Value { pickled, buffers },
         (RawOutcome::Raised { traceback, .. }, Some(reason)) => {
             let (origin, type_name, message) = reason.failure(atom);
             Outcome::Exception(RemoteException {

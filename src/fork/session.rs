@@ -27,7 +27,7 @@ use slog::{info, warn, Logger};
 
 use crate::engine::output::Splitter;
 use crate::engine::{AtomRequest, Sink};
-use crate::protocol::{AtomResult, FailureOrigin, Outcome, RemoteException};
+use crate::protocol::{AtomResult, Buffer, FailureOrigin, Outcome, RemoteException};
 use crate::server::BackendSession;
 
 use super::wire::{self, WorkerOutcome};
@@ -370,7 +370,7 @@ impl Runner {
             kill_at: None,
         };
         let w = self.worker.as_mut().expect("set above");
-        if wire::write_message(&mut w.ctl, wire::TAG_ATOM, &wire::encode_atom(&atom)).is_err() {
+        if wire::write_atom(&mut w.ctl, &atom).is_err() {
             self.worker_died(r);
             return None;
         }
@@ -472,7 +472,21 @@ impl Runner {
         let w = self.worker.as_mut().expect("a running atom has a worker");
         match wire::read_message(&mut w.ctl) {
             Ok(Some((wire::TAG_RESULT, body))) => match wire::decode_result(&body) {
-                Some(outcome) => self.finish(r, outcome),
+                Some(WorkerOutcome::Value {
+                    pickled,
+                    buffer_lengths,
+                }) => match wire::read_buffers(&mut w.ctl, &buffer_lengths) {
+                    Ok(buffers) => self.finish(
+                        r,
+                        WorkerOutcome::Value {
+                            pickled,
+                            buffer_lengths,
+                        },
+                        buffers,
+                    ),
+                    Err(_) => self.worker_died(r),
+                },
+                Some(outcome) => self.finish(r, outcome, Vec::new()),
                 None => {
                     let why = format!("a malformed result for atom {}", r.id);
                     self.worker_misbehaved(r, why);
@@ -485,10 +499,11 @@ impl Runner {
         }
     }
 
-    fn finish(&mut self, r: Running, outcome: WorkerOutcome) {
+    /// `buffers`: the value's out-of-band buffers, read after its message.
+    fn finish(&mut self, r: Running, outcome: WorkerOutcome, buffers: Vec<Buffer>) {
         let duration_us = micros(r.started);
         let outcome = match (outcome, r.interrupted) {
-            (WorkerOutcome::Value(pickled), _) => Outcome::Value { pickled },
+            (WorkerOutcome::Value { pickled, .. }, _) => Outcome::Value { pickled, buffers },
             (WorkerOutcome::Raised { traceback, .. }, Some(reason)) => {
                 interrupted(r.id, reason, traceback, None)
             }

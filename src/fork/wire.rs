@@ -7,12 +7,16 @@
 //!   `SCM_RIGHTS` ancillary data in the same packet).
 //! - *Control messages*: length-prefixed messages on a worker's `SOCK_STREAM`
 //!   control socket (`u32` big-endian length of what follows, a tag byte, the
-//!   body). `src/fork/worker.py` is the other end; keep the two in step.
+//!   body). An ATOM or a value RESULT ends with the lengths of its out-of-band
+//!   buffers, whose bytes follow the message on the socket, each read straight
+//!   into a buffer of its own. `src/fork/worker.py` is the other end; keep the
+//!   two in step.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::engine::AtomRequest;
+use crate::protocol::Buffer;
 
 /// Size of one zygote record.
 pub const RECORD_LEN: usize = 24;
@@ -256,21 +260,86 @@ fn put_opt(out: &mut Vec<u8>, v: Option<&[u8]>) {
     }
 }
 
-/// The body of an ATOM message: kind, globals, locals, then the payload to the end.
+fn put_lengths<B: AsRef<[u8]>>(out: &mut Vec<u8>, buffers: &[B]) {
+    out.extend_from_slice(&(buffers.len() as u32).to_be_bytes());
+    for b in buffers {
+        out.extend_from_slice(&(b.as_ref().len() as u32).to_be_bytes());
+    }
+}
+
+/// The body of an ATOM message: kind, globals, locals, the payload and the
+/// lengths of the out-of-band buffers (whose bytes follow the message).
 pub fn encode_atom(atom: &AtomRequest) -> Vec<u8> {
-    let mut out = Vec::with_capacity(atom.payload.len() + 16);
+    let mut out = Vec::with_capacity(atom.payload.len() + 32 + 4 * atom.buffers.len());
     out.push(atom.kind as u8);
     put_opt(&mut out, atom.globals.as_deref());
     put_opt(&mut out, atom.locals.as_deref());
+    out.extend_from_slice(&(atom.payload.len() as u32).to_be_bytes());
     out.extend_from_slice(&atom.payload);
+    put_lengths(&mut out, &atom.buffers);
     out
+}
+
+/// Writes an ATOM message and then its buffers, in one vectored write where
+/// the socket takes it: the buffers go from where they lie (the EVAL frame's
+/// memory), uncopied.
+pub fn write_atom<W: Write>(w: &mut W, atom: &AtomRequest) -> io::Result<()> {
+    let body = encode_atom(atom);
+    let len = u32::try_from(body.len() + 1)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "control message too large"))?;
+    let mut head = [0u8; 5];
+    head[0..4].copy_from_slice(&len.to_be_bytes());
+    head[4] = TAG_ATOM;
+    let mut parts: Vec<io::IoSlice<'_>> = Vec::with_capacity(2 + atom.buffers.len());
+    parts.push(io::IoSlice::new(&head));
+    parts.push(io::IoSlice::new(&body));
+    parts.extend(
+        atom.buffers
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| io::IoSlice::new(b)),
+    );
+    let mut slices: &mut [io::IoSlice<'_>] = &mut parts;
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    w.flush()
+}
+
+/// Reads the out-of-band buffers that follow a RESULT message, each straight
+/// into a buffer of its exact size. Together they may not exceed [`MAX_MESSAGE`].
+pub fn read_buffers<R: Read>(r: &mut R, lengths: &[usize]) -> io::Result<Vec<Buffer>> {
+    let total = lengths.iter().try_fold(0usize, |a, &n| a.checked_add(n));
+    if total.is_none_or(|t| t > MAX_MESSAGE) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("out-of-band buffers of {total:?} bytes"),
+        ));
+    }
+    lengths
+        .iter()
+        .map(|&n| {
+            let mut v = crate::protocol::buffer::for_writing(n);
+            r.read_exact(&mut v)?;
+            Ok(Buffer::from(v))
+        })
+        .collect()
 }
 
 /// What a worker's RESULT message says, before the server adds what it knows
 /// (duration, why it interrupted the atom).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkerOutcome {
-    Value(Vec<u8>),
+    /// The pickled value and the lengths of the buffers that follow the message.
+    Value {
+        pickled: Vec<u8>,
+        buffer_lengths: Vec<usize>,
+    },
     Raised {
         type_name: String,
         message: String,
@@ -297,13 +366,27 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Option<String> {
         Some(String::from_utf8_lossy(self.bytes()?).into_owned())
     }
+    fn u32(&mut self) -> Option<usize> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
 }
 
 /// Decodes a RESULT body (`src/fork/worker.py`, `_encode_result`).
 pub fn decode_result(body: &[u8]) -> Option<WorkerOutcome> {
     let mut c = Cursor(body);
     match c.take(1)?[0] {
-        0 => Some(WorkerOutcome::Value(c.0.to_vec())),
+        0 => {
+            let pickled = c.bytes()?.to_vec();
+            let count = c.u32()?;
+            if count > c.0.len() / 4 {
+                return None;
+            }
+            let buffer_lengths = (0..count).map(|_| c.u32()).collect::<Option<Vec<_>>>()?;
+            c.0.is_empty().then_some(WorkerOutcome::Value {
+                pickled,
+                buffer_lengths,
+            })
+        }
         1 => {
             let type_name = c.string()?;
             let message = c.string()?;
@@ -432,15 +515,41 @@ mod tests {
             globals: Some(b"g".to_vec()),
             locals: None,
             timeout: None,
+            buffers: vec![Buffer::from(&b"BUF"[..])],
         };
         assert_eq!(
             encode_atom(&atom),
-            [2, 1, 0, 0, 0, 1, b'g', 0, b'x', b'y', b'z']
+            [2, 1, 0, 0, 0, 1, b'g', 0, 0, 0, 0, 3, b'x', b'y', b'z', 0, 0, 0, 1, 0, 0, 0, 3]
+        );
+        let mut sent = Vec::new();
+        write_atom(&mut sent, &atom).unwrap();
+        assert_eq!(&sent[..4], &24u32.to_be_bytes());
+        assert_eq!(&sent[sent.len() - 3..], b"BUF");
+        assert_eq!(
+            decode_result(&[0, 0, 0, 0, 2, 0x80, 5, 0, 0, 0, 0]),
+            Some(WorkerOutcome::Value {
+                pickled: vec![0x80, 5],
+                buffer_lengths: vec![]
+            })
         );
         assert_eq!(
-            decode_result(&[0, 0x80, 5]),
-            Some(WorkerOutcome::Value(vec![0x80, 5]))
+            decode_result(&[0, 0, 0, 0, 1, 0x80, 0, 0, 0, 2, 0, 0, 0, 7, 0, 0, 0, 0]),
+            Some(WorkerOutcome::Value {
+                pickled: vec![0x80],
+                buffer_lengths: vec![7, 0]
+            })
         );
+        // A count the body cannot hold, and a value longer than the body.
+        assert_eq!(
+            decode_result(&[0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+        assert_eq!(decode_result(&[0, 0, 0, 0, 9, 1]), None);
+        let mut r = std::io::Cursor::new(b"abcdefg".to_vec());
+        let bufs = read_buffers(&mut r, &[3, 4]).unwrap();
+        assert_eq!((&*bufs[0], &*bufs[1]), (&b"abc"[..], &b"defg"[..]));
+        assert!(read_buffers(&mut r, &[1]).is_err());
+        assert!(read_buffers(&mut r, &[MAX_MESSAGE, 1]).is_err());
         let raised = [&[
             1u8, 0, 0, 0, 1, b'T', 0, 0, 0, 1, b'm', 0, 0, 0, 0, 1, 0, 0, 0, 1, b'p',
         ][..]]

@@ -6,7 +6,8 @@ engine's helper (``_pyproxy_engine``, ``src/engine/helper.py``) and calls
 control socket to the server, fds 1 and 2 are pipes the server reads. Atoms
 run through the helper's ``run``, so both backends give them the same
 semantics. The message format is ``src/fork/wire.rs``'s: a ``u32`` big-endian
-length of what follows, a tag byte, the body.
+length of what follows, a tag byte, the body; an ATOM or a value RESULT ends
+with the lengths of its out-of-band buffers, whose bytes follow it.
 
 SIGINT is ignored while the worker waits and turned into KeyboardInterrupt
 only while an atom runs, so the server's interrupt (cancel, timeout) can never
@@ -15,6 +16,7 @@ kill the loop between atoms.
 
 import os as _os
 import signal as _signal
+import socket as _socket
 import struct as _struct
 
 import _pyproxy_engine as _helper
@@ -67,10 +69,49 @@ def _recv(fd):
     return body[0], body[1:]
 
 
-def _send(fd, tag, body):
-    data = memoryview(_LEN.pack(len(body) + 1) + bytes((tag,)) + body)
-    while data:
-        data = data[_os.write(fd, data):]
+# Set by the zygote: read_bytes(fd, n), native, straight into a new bytes
+# (huge pages when large); None at end of stream.
+_read_bytes = None
+
+
+def _read_buffer(fd, n):
+    """`n` bytes as one ``bytes`` object the kernel fills directly (no join)."""
+    if _read_bytes is not None:
+        return _read_bytes(fd, n)
+    sock = _socket.socket(fileno=_os.dup(fd))
+    try:
+        data = sock.recv(n, _socket.MSG_WAITALL) if n else b""
+    finally:
+        sock.close()
+    if len(data) == n:
+        return data
+    rest = _read_exact(fd, n - len(data))  # interrupted: finish the slow way
+    return None if rest is None else data + rest
+
+
+def _taker(buffers):
+    """`take(i, as_bytearray)` for the helper: the ``bytes`` read from the socket
+    as they are (no copy), or a ``bytearray`` copy of one."""
+
+    def take(i, as_bytearray):
+        b = buffers[i]
+        buffers[i] = None
+        return bytearray(b) if as_bytearray else b
+
+    return take
+
+
+def _send(fd, tag, body, buffers=()):
+    """The message, then each buffer from where it lies (vectored writes)."""
+    parts = [memoryview(_LEN.pack(len(body) + 1) + bytes((tag,)) + body)]
+    parts += [memoryview(b).cast("B") for b in buffers if len(b)]
+    while parts:
+        n = _os.writev(fd, parts[:64])
+        while n and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if n:
+            parts[0] = parts[0][n:]
 
 
 def _opt(view, pos):
@@ -82,11 +123,17 @@ def _opt(view, pos):
 
 
 def _decode_atom(body):
+    """(kind, globals, locals, payload, buffer lengths)."""
     view = memoryview(body)
     kind = view[0]
     g, pos = _opt(view, 1)
     loc, pos = _opt(view, pos)
-    return kind, g, loc, bytes(view[pos:])
+    (n,) = _LEN.unpack_from(view, pos)
+    payload = bytes(view[pos + 4:pos + 4 + n])
+    pos += 4 + n
+    (count,) = _LEN.unpack_from(view, pos)
+    lengths = [_LEN.unpack_from(view, pos + 4 + 4 * i)[0] for i in range(count)]
+    return kind, g, loc, payload, lengths
 
 
 def _text(s):
@@ -96,7 +143,10 @@ def _text(s):
 
 def _encode_result(r):
     if r[0] == 0:
-        return b"\x00" + r[1]
+        _, pickled, buffers = r
+        parts = [b"\x00", _LEN.pack(len(pickled)), pickled, _LEN.pack(len(buffers))]
+        parts += [_LEN.pack(memoryview(b).nbytes) for b in buffers]
+        return b"".join(parts)
     _, type_name, message, traceback, pickled = r
     parts = [b"\x01", _text(type_name), _text(message), _text(traceback)]
     if pickled is None:
@@ -129,16 +179,23 @@ def serve(fd, env=None):
         if tag == _INIT:
             _send(fd, _READY, _init(body))
         elif tag == _ATOM:
-            kind, g, loc, payload = _decode_atom(body)
+            kind, g, loc, payload, lengths = _decode_atom(body)
+            buffers = []
+            for n in lengths:
+                b = _read_buffer(fd, n)
+                if b is None:
+                    return
+                buffers.append(b)
             try:
                 _signal.signal(_signal.SIGINT, _signal.default_int_handler)
-                r = _helper.run(kind, payload, g, loc)
+                r = _helper.run(kind, payload, g, loc, _taker(buffers), len(buffers))
             except KeyboardInterrupt:
                 # The interrupt landed outside run's own handlers.
                 r = (1, "builtins.KeyboardInterrupt", "", "", None)
             finally:
                 _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
             _flush_c()
-            _send(fd, _RESULT, _encode_result(r))
+            _send(fd, _RESULT, _encode_result(r), r[2] if r[0] == 0 else ())
+            del r, buffers
     _helper._flush()
     _flush_c()

@@ -200,6 +200,9 @@ fn init_python(config: &ForkConfig) -> Result<PyRef, String> {
         }
         python::call(prepare.as_ptr(), vec![list])
             .ok_or_else(|| format!("preparing workers failed: {}", python::take_error()))?;
+        // Out-of-band buffers are read natively, straight into their `bytes`.
+        let read = python::read_bytes_function().ok_or_else(|| python::take_error())?;
+        ffi::PyObject_SetAttrString(worker.as_ptr(), c"_read_bytes".as_ptr(), read.as_ptr());
         attr(&worker, "serve")
     }
 }

@@ -56,6 +56,25 @@ impl PayloadWriter {
         self
     }
 
+    /// The head of a `buffers` field (count and lengths); the buffers' bytes
+    /// follow it, written by the caller (see [`PayloadWriter::buffers`]).
+    pub fn buffers_head<B: AsRef<[u8]>>(&mut self, buffers: &[B]) -> &mut Self {
+        self.u32(buffers.len() as u32);
+        for b in buffers {
+            self.u32(b.as_ref().len() as u32);
+        }
+        self
+    }
+
+    /// A whole `buffers` field: head, then the buffers back to back.
+    pub fn buffers<B: AsRef<[u8]>>(&mut self, buffers: &[B]) -> &mut Self {
+        self.buffers_head(buffers);
+        for b in buffers {
+            self.rest(b.as_ref());
+        }
+        self
+    }
+
     pub fn str(&mut self, v: &str) -> &mut Self {
         self.bytes(v.as_bytes())
     }
@@ -165,6 +184,34 @@ impl<'a> PayloadReader<'a> {
         } else {
             Ok(None)
         }
+    }
+
+    /// Where each buffer of a `buffers` field lies in the payload: a `u32`
+    /// count, that many `u32` lengths, then the buffers back to back. The
+    /// count is checked against the bytes left before anything is allocated,
+    /// and each length against what is left after the ones before it, so the
+    /// buffers together can never claim more than the payload holds.
+    pub fn buffer_ranges(&mut self) -> Result<Vec<std::ops::Range<usize>>> {
+        let count = self.u32("buffer_count")? as usize;
+        let remaining = self.buf.len() - self.pos;
+        if count > remaining / 4 {
+            return Err(Error::PayloadTruncated {
+                field: "buffer_lengths",
+                needed: count.saturating_mul(4),
+                remaining,
+            });
+        }
+        let mut lengths = Vec::with_capacity(count);
+        for _ in 0..count {
+            lengths.push(self.u32("buffer_lengths")? as usize);
+        }
+        let mut ranges = Vec::with_capacity(count);
+        for n in lengths {
+            let start = self.pos;
+            self.take(n, "buffers")?;
+            ranges.push(start..self.pos);
+        }
+        Ok(ranges)
     }
 
     pub fn str(&mut self, field: &'static str) -> Result<&'a str> {

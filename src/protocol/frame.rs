@@ -16,6 +16,7 @@ use std::io::{self, Read, Write};
 
 use byteorder::{BigEndian, ByteOrder};
 
+use super::buffer::Buffer;
 use super::error::{Error, Result};
 
 /// Bytes of the length prefix.
@@ -98,11 +99,17 @@ impl fmt::Display for Kind {
 }
 
 /// One frame. `Debug` shows the kind, request id and payload length, never the payload.
+///
+/// The payload on the wire is `payload` followed by the bytes of each `tail`
+/// buffer: a frame built to be written keeps large out-of-band buffers there,
+/// so they go to the socket from where they lie (one vectored write) instead
+/// of being copied behind the rest. Frames read from a stream have no tail.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
     pub kind: Kind,
     pub request_id: u64,
     pub payload: Vec<u8>,
+    pub tail: Vec<Buffer>,
 }
 
 impl fmt::Debug for Frame {
@@ -110,7 +117,7 @@ impl fmt::Debug for Frame {
         f.debug_struct("Frame")
             .field("kind", &self.kind)
             .field("request_id", &self.request_id)
-            .field("payload_len", &self.payload.len())
+            .field("payload_len", &self.payload_len())
             .finish()
     }
 }
@@ -172,7 +179,21 @@ impl Frame {
             kind,
             request_id,
             payload,
+            tail: Vec::new(),
         }
+    }
+
+    /// Bytes of payload on the wire: `payload` and the tail.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len() + self.tail.iter().map(|b| b.len()).sum::<usize>()
+    }
+
+    /// The payload on the wire as the slices it is the concatenation of.
+    pub fn payload_slices(&self) -> Vec<&[u8]> {
+        let mut parts = Vec::with_capacity(1 + self.tail.len());
+        parts.push(&self.payload[..]);
+        parts.extend(self.tail.iter().map(|b| &b[..]));
+        parts
     }
 
     /// Parses one frame from the front of `buf`, returning it and the bytes it used.
@@ -199,15 +220,17 @@ impl Frame {
         Header {
             kind: self.kind,
             request_id: self.request_id,
-            payload_len: self.payload.len() as u32,
+            payload_len: self.payload_len() as u32,
         }
     }
 
     /// The whole frame as bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_SIZE + self.payload.len());
+        let mut out = Vec::with_capacity(HEADER_SIZE + self.payload_len());
         out.extend_from_slice(&self.header().format());
-        out.extend_from_slice(&self.payload);
+        for part in self.payload_slices() {
+            out.extend_from_slice(part);
+        }
         out
     }
 }
@@ -289,10 +312,11 @@ impl<R: Read> FrameReader<R> {
         let len = header.payload_len as usize;
         let (payload, got) = if self.trusted {
             // The length passed the max_frame check and the peer is
-            // authenticated: one allocation of the final size, read in place
-            // (a zeroed allocation this large is fresh mmap'd pages, so the
-            // zeroing costs nothing), instead of a Vec doubled and copied ~log2(n) times.
-            let mut payload = vec![0u8; len];
+            // authenticated: one buffer of the final size (recycled or huge
+            // pages when large, see `buffer::for_writing`; every byte is read
+            // into it or the frame is an error), instead of a Vec doubled and
+            // copied ~log2(n) times.
+            let mut payload = super::buffer::for_writing(len);
             let got = read_full(&mut self.inner, &mut payload)?;
             (payload, got)
         } else {
@@ -351,13 +375,13 @@ impl<W: Write> FrameWriter<W> {
         self.inner
     }
 
-    /// Writes one frame (header and payload in one vectored write when possible).
+    /// Writes one frame (header, payload and tail in one vectored write when possible).
     pub fn write_frame(&mut self, frame: &Frame) -> Result<()> {
-        write_frame_parts(
+        write_frame_slices(
             &mut self.inner,
             frame.kind,
             frame.request_id,
-            &frame.payload,
+            &frame.payload_slices(),
         )
     }
 

@@ -2,12 +2,13 @@
 //! [`Frame`]. Field order here is the byte order on the wire and the order of
 //! the field tables in `docs/protocol.md`.
 
+use super::buffer::Buffer;
 use super::codec::{PayloadReader, PayloadWriter};
 use super::error::{Error, Result};
 use super::frame::{Frame, Kind};
 
 /// The protocol version this crate speaks, sent in `CHALLENGE` and `HELLO`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Length of nonces, proofs and attach secrets.
 pub const NONCE_LEN: usize = 32;
@@ -158,6 +159,9 @@ pub struct Eval {
     pub globals: Option<Vec<u8>>,
     pub locals: Option<Vec<u8>>,
     pub timeout_ms: Option<u64>,
+    /// Out-of-band buffers the pickles in `globals`, `locals` and `payload`
+    /// refer to, in the order they take them.
+    pub buffers: Vec<Buffer>,
 }
 
 impl std::fmt::Debug for Eval {
@@ -168,6 +172,7 @@ impl std::fmt::Debug for Eval {
             .field("globals_len", &self.globals.as_ref().map(Vec::len))
             .field("locals_len", &self.locals.as_ref().map(Vec::len))
             .field("timeout_ms", &self.timeout_ms)
+            .field("buffers", &self.buffers)
             .finish()
     }
 }
@@ -181,8 +186,12 @@ pub struct Cancel {
 /// An atom's outcome.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The value, pickled with protocol 5.
-    Value { pickled: Vec<u8> },
+    /// The value, pickled with protocol 5, and the out-of-band buffers the
+    /// pickle refers to.
+    Value {
+        pickled: Vec<u8>,
+        buffers: Vec<Buffer>,
+    },
     /// The atom failed.
     Exception(RemoteException),
 }
@@ -190,7 +199,9 @@ pub enum Outcome {
 impl std::fmt::Debug for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Outcome::Value { pickled } => write!(f, "Value({} bytes)", pickled.len()),
+            Outcome::Value { pickled, buffers } => {
+                write!(f, "Value({} bytes, {buffers:?})", pickled.len())
+            }
             Outcome::Exception(e) => e.fmt(f),
         }
     }
@@ -363,15 +374,17 @@ impl Message {
                     .opt_u64(e.timeout_ms)
                     .opt_bytes(e.globals.as_deref())
                     .opt_bytes(e.locals.as_deref())
-                    .bytes(&e.payload);
+                    .bytes(&e.payload)
+                    .buffers(&e.buffers);
             }
             Message::Cancel(c) => {
                 w.u64(c.target);
             }
             Message::Close | Message::EndOfOutput => {}
             Message::Result(r) => {
-                if let Outcome::Value { pickled } = &r.outcome {
-                    w = PayloadWriter::with_capacity(pickled.len() + 16);
+                if let Outcome::Value { pickled, buffers } = &r.outcome {
+                    let oob: usize = buffers.iter().map(|b| b.len() + 4).sum();
+                    w = PayloadWriter::with_capacity(pickled.len() + oob + 20);
                 }
                 encode_result(&mut w, r)
             }
@@ -403,35 +416,40 @@ impl Message {
         w.finish()
     }
 
-    /// Like [`Message::to_frame`], but a RESULT's value or an EVAL's payload
-    /// becomes the frame's payload in place (its few header bytes are
-    /// shifted in front) instead of being copied into a new buffer.
+    /// Like [`Message::to_frame`], but a RESULT's value and buffers or an
+    /// EVAL's payload and buffers are not copied: they become the frame's
+    /// tail, written from where they lie, behind a few bytes of head.
     pub fn into_frame(self, request_id: u64) -> Frame {
         let kind = self.kind();
-        let (prefix, mut big) = match self {
+        let mut head = PayloadWriter::with_capacity(64);
+        let (big, buffers) = match self {
             Message::Result(AtomResult {
                 duration_us,
-                outcome: Outcome::Value { pickled },
+                outcome: Outcome::Value { pickled, buffers },
             }) => {
-                let mut w = PayloadWriter::with_capacity(13);
-                w.u64(duration_us)
+                head.u64(duration_us)
                     .u8(OUTCOME_VALUE)
                     .u32(pickled.len() as u32);
-                (w.finish(), pickled)
+                (pickled, buffers)
             }
             Message::Eval(e) => {
-                let mut w = PayloadWriter::with_capacity(64);
-                w.u8(e.kind as u8)
+                head.u8(e.kind as u8)
                     .opt_u64(e.timeout_ms)
                     .opt_bytes(e.globals.as_deref())
                     .opt_bytes(e.locals.as_deref())
                     .u32(e.payload.len() as u32);
-                (w.finish(), e.payload)
+                (e.payload, e.buffers)
             }
             other => return other.to_frame(request_id),
         };
-        big.splice(0..0, prefix);
-        Frame::new(kind, request_id, big)
+        let mut oob = PayloadWriter::with_capacity(4 + 4 * buffers.len());
+        oob.buffers_head(&buffers);
+        let mut frame = Frame::new(kind, request_id, head.finish());
+        frame.tail.reserve(2 + buffers.len());
+        frame.tail.push(Buffer::from(big));
+        frame.tail.push(Buffer::from(oob.finish()));
+        frame.tail.extend(buffers);
+        frame
     }
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
@@ -494,12 +512,13 @@ impl Message {
                 globals: r.opt_bytes("globals")?.map(<[u8]>::to_vec),
                 locals: r.opt_bytes("locals")?.map(<[u8]>::to_vec),
                 payload: r.bytes("payload")?.to_vec(),
+                buffers: copy_buffers(payload, r.buffer_ranges()?),
             }),
             Kind::Cancel => Message::Cancel(Cancel {
                 target: r.u64("target")?,
             }),
             Kind::Close => Message::Close,
-            Kind::Result => Message::Result(decode_result(&mut r)?),
+            Kind::Result => Message::Result(decode_result(&mut r, payload)?),
             Kind::Error => Message::Error(ErrorMsg {
                 code: ErrorCode::from_wire(r.u16("error_code")?)?,
                 message: r.string("message")?,
@@ -558,6 +577,7 @@ impl Message {
 /// pieces it is the concatenation of (e.g. a pickle stream with large buffers
 /// spliced in). Same bytes as `Message::Eval(..).to_frame(request_id)` with
 /// each field's pieces joined.
+#[allow(clippy::too_many_arguments)] // the EVAL's fields, as the caller holds them
 pub fn write_eval<W: std::io::Write>(
     w: &mut W,
     request_id: u64,
@@ -566,6 +586,7 @@ pub fn write_eval<W: std::io::Write>(
     globals: Option<&[&[u8]]>,
     locals: Option<&[&[u8]]>,
     payload: &[&[u8]],
+    buffers: &[&[u8]],
 ) -> Result<()> {
     let total = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>();
     let field_len = |parts: &[&[u8]]| {
@@ -587,7 +608,13 @@ pub fn write_eval<W: std::io::Write>(
     };
     let (gp, lp) = (prefix(globals)?, prefix(locals)?);
     let pp = field_len(payload)?.to_be_bytes();
-    let mut slices: Vec<&[u8]> = Vec::with_capacity(8);
+    for b in buffers {
+        field_len(&[b])?;
+    }
+    let mut oob = PayloadWriter::with_capacity(4 + 4 * buffers.len());
+    oob.buffers_head(buffers);
+    let oob = oob.finish();
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(9 + buffers.len());
     slices.push(&head);
     slices.push(&gp);
     slices.extend_from_slice(globals.unwrap_or_default());
@@ -595,6 +622,8 @@ pub fn write_eval<W: std::io::Write>(
     slices.extend_from_slice(locals.unwrap_or_default());
     slices.push(&pp);
     slices.extend_from_slice(payload);
+    slices.push(&oob);
+    slices.extend_from_slice(buffers);
     super::frame::write_frame_slices(w, Kind::Eval, request_id, &slices)
 }
 
@@ -605,6 +634,14 @@ fn take_range(mut payload: Vec<u8>, range: std::ops::Range<usize>) -> Vec<u8> {
     payload
 }
 
+/// Buffers copied out of a borrowed payload.
+fn copy_buffers(payload: &[u8], ranges: Vec<std::ops::Range<usize>>) -> Vec<Buffer> {
+    ranges
+        .into_iter()
+        .map(|r| Buffer::from(&payload[r]))
+        .collect()
+}
+
 fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
     let mut r = PayloadReader::new(&payload);
     let kind = AtomKind::from_wire(r.u8("atom_kind")?)?;
@@ -612,11 +649,25 @@ fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
     let globals = r.opt_bytes_range("globals")?;
     let locals = r.opt_bytes_range("locals")?;
     let body = r.bytes_range("payload")?;
+    let buffers = r.buffer_ranges()?;
     r.finish(Kind::Eval.name())?;
+    let copy = |x: &Option<std::ops::Range<usize>>| x.clone().map(|r| payload[r].to_vec());
+    if !buffers.is_empty() {
+        // The pickles are small (their large parts are the buffers): copy them,
+        // and let the buffers share the frame's allocation.
+        let (globals, locals, body) = (copy(&globals), copy(&locals), payload[body].to_vec());
+        return Ok(Message::Eval(Eval {
+            kind,
+            timeout_ms,
+            globals,
+            locals,
+            payload: body,
+            buffers: Buffer::split(payload, buffers),
+        }));
+    }
     // Only the largest field keeps the frame's allocation; the others are copied.
     let len = |x: &Option<std::ops::Range<usize>>| x.as_ref().map_or(0, |r| r.len());
     let (gl, ll, pl) = (len(&globals), len(&locals), body.len());
-    let copy = |x: &Option<std::ops::Range<usize>>| x.clone().map(|r| payload[r].to_vec());
     let eval = if pl >= gl && pl >= ll {
         let (globals, locals) = (copy(&globals), copy(&locals));
         Eval {
@@ -625,6 +676,7 @@ fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
             globals,
             locals,
             payload: take_range(payload, body),
+            buffers: Vec::new(),
         }
     } else if gl >= ll {
         let (locals, body) = (copy(&locals), payload[body].to_vec());
@@ -634,6 +686,7 @@ fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
             globals: globals.map(|g| take_range(payload, g)),
             locals,
             payload: body,
+            buffers: Vec::new(),
         }
     } else {
         let (globals, body) = (copy(&globals), payload[body].to_vec());
@@ -643,6 +696,7 @@ fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
             globals,
             locals: locals.map(|l| take_range(payload, l)),
             payload: body,
+            buffers: Vec::new(),
         }
     };
     Ok(Message::Eval(eval))
@@ -655,12 +709,23 @@ fn decode_result_owned(payload: Vec<u8>) -> Result<Message> {
         return Message::decode_parts(Kind::Result, &payload);
     }
     let value = r.bytes_range("value")?;
+    let buffers = r.buffer_ranges()?;
     r.finish(Kind::Result.name())?;
+    let outcome = if buffers.is_empty() {
+        Outcome::Value {
+            pickled: take_range(payload, value),
+            buffers: Vec::new(),
+        }
+    } else {
+        let pickled = payload[value].to_vec();
+        Outcome::Value {
+            pickled,
+            buffers: Buffer::split(payload, buffers),
+        }
+    };
     Ok(Message::Result(AtomResult {
         duration_us,
-        outcome: Outcome::Value {
-            pickled: take_range(payload, value),
-        },
+        outcome,
     }))
 }
 
@@ -670,8 +735,8 @@ const OUTCOME_EXCEPTION: u8 = 1;
 fn encode_result(w: &mut PayloadWriter, r: &AtomResult) {
     w.u64(r.duration_us);
     match &r.outcome {
-        Outcome::Value { pickled } => {
-            w.u8(OUTCOME_VALUE).bytes(pickled);
+        Outcome::Value { pickled, buffers } => {
+            w.u8(OUTCOME_VALUE).bytes(pickled).buffers(buffers);
         }
         Outcome::Exception(e) => {
             w.u8(OUTCOME_EXCEPTION)
@@ -684,11 +749,12 @@ fn encode_result(w: &mut PayloadWriter, r: &AtomResult) {
     }
 }
 
-fn decode_result(r: &mut PayloadReader<'_>) -> Result<AtomResult> {
+fn decode_result(r: &mut PayloadReader<'_>, payload: &[u8]) -> Result<AtomResult> {
     let duration_us = r.u64("duration_us")?;
     let outcome = match r.u8("outcome")? {
         OUTCOME_VALUE => Outcome::Value {
             pickled: r.bytes("value")?.to_vec(),
+            buffers: copy_buffers(payload, r.buffer_ranges()?),
         },
         OUTCOME_EXCEPTION => Outcome::Exception(RemoteException {
             origin: FailureOrigin::from_wire(r.u8("origin")?)?,
@@ -727,6 +793,10 @@ mod tests {
 
     fn blob() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..200)
+    }
+
+    fn buffers() -> impl Strategy<Value = Vec<Buffer>> {
+        proptest::collection::vec(blob().prop_map(Buffer::from), 0..4)
     }
 
     fn message() -> impl Strategy<Value = Message> {
@@ -792,20 +862,25 @@ mod tests {
                 blob(),
                 proptest::option::of(blob()),
                 proptest::option::of(blob()),
-                any::<Option<u64>>()
+                any::<Option<u64>>(),
+                buffers()
             )
-                .prop_map(|(k, p, g, l, t)| Message::Eval(Eval {
+                .prop_map(|(k, p, g, l, t, b)| Message::Eval(Eval {
                     kind: k,
                     payload: p,
                     globals: g,
                     locals: l,
-                    timeout_ms: t
+                    timeout_ms: t,
+                    buffers: b
                 })),
             any::<u64>().prop_map(|t| Message::Cancel(Cancel { target: t })),
             Just(Message::Close),
-            (any::<u64>(), blob()).prop_map(|(d, p)| Message::Result(AtomResult {
+            (any::<u64>(), blob(), buffers()).prop_map(|(d, p, b)| Message::Result(AtomResult {
                 duration_us: d,
-                outcome: Outcome::Value { pickled: p }
+                outcome: Outcome::Value {
+                    pickled: p,
+                    buffers: b
+                }
             })),
             (
                 any::<u64>(),
@@ -904,28 +979,36 @@ mod tests {
         }
 
         #[test]
-        fn write_eval_matches_to_frame(g in proptest::option::of(blob()), l in proptest::option::of(blob()), p in blob(), t in proptest::option::of(any::<u64>()), id in any::<u64>()) {
+        fn write_eval_matches_to_frame(g in proptest::option::of(blob()), l in proptest::option::of(blob()), p in blob(), t in proptest::option::of(any::<u64>()), id in any::<u64>(), b in buffers()) {
             let mut out = Vec::new();
             // Each field split into pieces at an arbitrary point.
             let split = |v: &[u8]| { let at = v.len() / 3; vec![v[..at].to_vec(), v[at..].to_vec()] };
             let (gs, ls, ps) = (g.as_deref().map(split), l.as_deref().map(split), split(&p));
             fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> { v.iter().map(Vec::as_slice).collect() }
             let (gr, lr, pr) = (gs.as_deref().map(refs), ls.as_deref().map(refs), refs(&ps));
-            write_eval(&mut out, id, AtomKind::Function, t, gr.as_deref(), lr.as_deref(), &pr).unwrap();
-            let msg = Message::Eval(Eval { kind: AtomKind::Function, payload: p, globals: g, locals: l, timeout_ms: t });
+            let br: Vec<&[u8]> = b.iter().map(|b| &b[..]).collect();
+            write_eval(&mut out, id, AtomKind::Function, t, gr.as_deref(), lr.as_deref(), &pr, &br).unwrap();
+            let msg = Message::Eval(Eval { kind: AtomKind::Function, payload: p, globals: g, locals: l, timeout_ms: t, buffers: b });
             prop_assert_eq!(out, msg.to_frame(id).to_bytes());
         }
 
         #[test]
         fn into_frame_matches_to_frame(msg in message(), id in any::<u64>()) {
-            prop_assert_eq!(msg.clone().into_frame(id), msg.to_frame(id));
+            prop_assert_eq!(msg.clone().into_frame(id).to_bytes(), msg.to_frame(id).to_bytes());
+        }
+
+        #[test]
+        fn owned_decode_shares_the_frame_with_the_buffers(msg in message()) {
+            let payload = msg.encode_payload();
+            let back = Message::decode_owned(msg.kind(), payload).unwrap();
+            prop_assert_eq!(back, msg);
         }
 
         #[test]
         fn owned_decode_takes_whichever_eval_field_is_largest(
             g in proptest::option::of(blob()), l in proptest::option::of(blob()), p in blob(), t in proptest::option::of(any::<u64>())
         ) {
-            let msg = Message::Eval(Eval { kind: AtomKind::Code, payload: p, globals: g, locals: l, timeout_ms: t });
+            let msg = Message::Eval(Eval { kind: AtomKind::Code, payload: p, globals: g, locals: l, timeout_ms: t, buffers: Vec::new() });
             prop_assert_eq!(Message::decode_owned(Kind::Eval, msg.encode_payload()).unwrap(), msg);
         }
     }
@@ -935,7 +1018,10 @@ mod tests {
         let value: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let msg = Message::Result(AtomResult {
             duration_us: 9,
-            outcome: Outcome::Value { pickled: value },
+            outcome: Outcome::Value {
+                pickled: b"p".to_vec(),
+                buffers: vec![Buffer::from(value), Buffer::from(vec![7u8; 10])],
+            },
         });
         let frame = msg.to_frame(4);
         let mut reader = FrameReader::new(Cursor::new(frame.to_bytes()), DEFAULT_MAX_FRAME);
@@ -967,6 +1053,70 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A RESULT value payload: duration 0, outcome 0, a 1-byte pickle, then `tail`.
+    fn result_with(tail: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 8];
+        p.extend_from_slice(&[0, 0, 0, 0, 1, 0x2e]);
+        p.extend_from_slice(tail);
+        p
+    }
+
+    #[test]
+    fn hostile_buffer_lengths_are_refused_before_allocating() {
+        // 4 billion buffers declared in a few bytes: refused on the count alone.
+        let p = result_with(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+        for decode in [
+            Message::decode_parts(Kind::Result, &p),
+            Message::decode_owned(Kind::Result, p.clone()),
+        ] {
+            assert!(matches!(
+                decode,
+                Err(Error::PayloadTruncated {
+                    field: "buffer_lengths",
+                    ..
+                })
+            ));
+        }
+        // Two buffers whose lengths together run past the payload (each alone fits).
+        let mut tail = vec![0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 3];
+        tail.extend_from_slice(b"abcd");
+        let p = result_with(&tail);
+        assert!(matches!(
+            Message::decode_owned(Kind::Result, p.clone()),
+            Err(Error::PayloadTruncated {
+                field: "buffers",
+                needed: 3,
+                remaining: 1
+            })
+        ));
+        // A length of 4 GiB - 1 in an EVAL.
+        let mut e = vec![0u8; 8];
+        e.extend_from_slice(&[0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            Message::decode_owned(Kind::Eval, e),
+            Err(Error::PayloadTruncated {
+                field: "buffers",
+                ..
+            })
+        ));
+        // Bytes after the last buffer.
+        let p = result_with(&[0, 0, 0, 1, 0, 0, 0, 1, b'x', b'y']);
+        assert!(matches!(
+            Message::decode_parts(Kind::Result, &p),
+            Err(Error::TrailingBytes { extra: 1, .. })
+        ));
+        // Well formed: two buffers, the second empty.
+        let p = result_with(&[0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0, b'x']);
+        let Message::Result(AtomResult {
+            outcome: Outcome::Value { buffers, .. },
+            ..
+        }) = Message::decode_owned(Kind::Result, p).unwrap()
+        else {
+            panic!("a value")
+        };
+        assert_eq!(buffers, [Buffer::from(&b"x"[..]), Buffer::from(Vec::new())]);
     }
 
     #[test]

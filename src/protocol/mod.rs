@@ -5,11 +5,13 @@
 //! encodings in [`codec`]; [`auth`] is the token proof of the handshake.
 
 pub mod auth;
+pub mod buffer;
 pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod message;
 
+pub use buffer::Buffer;
 pub use error::{Error, Result};
 pub use frame::{Frame, FrameReader, FrameWriter, Header, Kind, DEFAULT_MAX_FRAME, HEADER_SIZE};
 pub use message::*;

@@ -360,7 +360,7 @@ impl Session {
     /// bounds memory and slows only this session; a frame it takes in part is
     /// completed here, blocking, so frames never interleave.
     fn send_direct(&self, line: &Line, frame: &Frame, stream: &str) -> bool {
-        if frame.payload.len() > DIRECT_MAX {
+        if frame.payload_len() > DIRECT_MAX {
             return false;
         }
         let Some(sock) = line.stream.get() else {
@@ -650,6 +650,7 @@ impl Session {
             payload: eval.payload,
             globals: eval.globals,
             locals: eval.locals,
+            buffers: eval.buffers,
             timeout: eval.timeout_ms.map(Duration::from_millis),
         };
         let mut state = lock(&self.state);
@@ -723,14 +724,14 @@ impl SessionSink for Sink {
     fn result(&self, atom: u64, result: AtomResult) {
         let mut frame = Message::Result(result).into_frame(atom);
         let limit = self.0.max_frame as usize;
-        if frame.payload.len() + protocol::frame::HEADER_BODY_SIZE > limit {
-            warn!(self.0.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload.len());
+        if frame.payload_len() + protocol::frame::HEADER_BODY_SIZE > limit {
+            warn!(self.0.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload_len());
             frame = Message::Result(exception(
                 FailureOrigin::ServerError,
                 "ResultTooLarge",
                 format!(
                     "the atom's result is {} bytes, more than the frame limit of {} bytes (--max-frame)",
-                    frame.payload.len(),
+                    frame.payload_len(),
                     limit
                 ),
             ))

@@ -38,7 +38,7 @@ impl Rec {
 
     pub fn value(&self) -> Vec<u8> {
         match &self.result.as_ref().expect("result").outcome {
-            Outcome::Value { pickled } => pickled.clone(),
+            Outcome::Value { pickled, .. } => pickled.clone(),
             Outcome::Exception(e) => panic!("atom raised: {e:?}\n{}", e.traceback),
         }
     }
@@ -165,6 +165,7 @@ pub fn source(id: u64, src: &str) -> AtomRequest {
         globals: None,
         locals: None,
         timeout: None,
+        buffers: Vec::new(),
     }
 }
 

@@ -82,21 +82,26 @@ def _inputs(fn: types.FunctionType) -> tuple[Any, ...] | None:
     return tuple(inputs)
 
 
-def pickled_function(fn: Callable[[], Any], dumps: Callable[[Any], Any]) -> Any:
-    """``dumps(fn)``, or the bytes it returned last time for `fn` if nothing that
-    pickle was made from has changed since (see the module's docstring)."""
+def pickled_function(
+    fn: Callable[[], Any], oob: list[Any], dumps: Callable[[Any, list[Any]], bytes]
+) -> bytes:
+    """``dumps(fn, oob)``, or the bytes it returned last time for `fn` if nothing
+    that pickle was made from has changed since (see the module's docstring). A
+    pickle that put buffers out of band (into `oob`) is not kept: it refers to
+    them by position."""
     if type(fn) is not types.FunctionType:
-        return dumps(fn)
+        return dumps(fn, oob)
     inputs = _inputs(fn)
     if inputs is None:
         _cache.pop(fn, None)
-        return dumps(fn)
+        return dumps(fn, oob)
     hit = _cache.get(fn)
     if hit is not None:
         old, data = hit
         if len(old) == len(inputs) and all(a is b for a, b in zip(old, inputs)):
             return data
-    data = dumps(fn)
-    if type(data) is bytes:
+    before = len(oob)
+    data = dumps(fn, oob)
+    if len(oob) == before:
         _cache[fn] = (inputs, data)
     return data

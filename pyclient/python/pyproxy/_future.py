@@ -21,6 +21,7 @@ native thread writes to:
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import pickle
@@ -33,6 +34,63 @@ from typing import Any, NamedTuple
 
 from . import _native
 from ._errors import PyProxyError, RemoteError, exception_from_outcome
+
+
+class _OobUnpickler(pickle.Unpickler):
+    oob: _Buffers
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.oob.persistent_load(pid)
+
+
+class _Buffers:
+    """A RESULT's out-of-band buffers, taken in order by its pickle (the
+    reverse of :func:`_dumps`): a persistent id ``("bytes", i)`` or
+    ``("bytearray", i)`` takes buffer i, which must be the next one, as that
+    type; ``NEXT_BUFFER`` takes the next one as a ``bytearray``. Each is copied
+    once, from the read-only native buffer it arrived in."""
+
+    def __init__(self, views: list[Any]) -> None:
+        self._views = views
+        self._next = 0
+
+    def _take(self, as_bytearray: bool) -> Any:
+        i = self._next
+        if i >= len(self._views):
+            raise pickle.UnpicklingError(
+                f"the pickle takes more out-of-band buffers than the {len(self._views)} received"
+            )
+        self._next = i + 1
+        view = self._views[i]
+        if type(view) is _native.Value:  # one copy, made natively (huge pages when large)
+            return view.to_bytearray() if as_bytearray else view.to_bytes()
+        return bytearray(view) if as_bytearray else bytes(view)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 2 and pid[1] == self._next:
+            if pid[0] == "bytes":
+                return self._take(False)
+            if pid[0] == "bytearray":
+                return self._take(True)
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+    def __iter__(self) -> _Buffers:
+        return self
+
+    def __next__(self) -> bytearray:
+        return self._take(True)  # type: ignore[no-any-return]
+
+    def loads(self, data: Any) -> Any:
+        if not self._views:
+            return pickle.loads(data)
+        u = _OobUnpickler(io.BytesIO(data), buffers=self)
+        u.oob = self
+        value = u.load()
+        if self._next != len(self._views):
+            raise pickle.UnpicklingError(
+                f"{len(self._views)} out-of-band buffers were received, the pickle took {self._next}"
+            )
+        return value
 
 __all__ = [
     "PyProxyFuture",
@@ -159,7 +217,7 @@ class PyProxyFuture:
             return _FAILED, None, exception_from_outcome(outcome, self._atom, self._timeout)
         assert outcome.pickled is not None
         try:
-            return _VALUE, pickle.loads(outcome.pickled), None
+            return _VALUE, _Buffers(outcome.buffers).loads(outcome.pickled), None
         except Exception as e:
             err = RemoteError(
                 f"atom {self._atom} returned a value that does not unpickle here ({e!r}); "

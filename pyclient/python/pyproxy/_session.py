@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import pickletools
 import platform
 import sys
 import threading
@@ -50,41 +49,42 @@ class LogRecord:
     """The record's key/value pairs (e.g. ``atom``, ``duration_ms``)."""
 
 
-# Buffers at least this large (a bytes value, a bytearray, a numpy array's data)
-# are not copied into the pickle stream: see _dumps.
-_OUT_OF_BAND_MIN = 1 << 20
+# Buffers at least this large (a bytes or bytearray value, a numpy array's data)
+# travel out of band, after the pickles (docs/protocol.md, "Out-of-band buffers").
+_OUT_OF_BAND_MIN = 64 * 1024
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle; :attr:`big` stays empty (see :class:`_BigPickler`)."""
-
-    big: list[bytes] = []
+    """cloudpickle; large buffers leave only through ``buffer_callback``."""
 
 
 class _BigPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle that sets large ``bytes`` aside as persistent ids (the C pickler
-    consults ``persistent_id`` for every object, but never ``reducer_override`` for
-    ``bytes``); :func:`_dumps` splices them back in as ordinary in-band opcodes.
-    A Python call per pickled object costs a few µs for a small atom, so it is
-    used only when :func:`_has_big_bytes` finds large bytes where they usually are."""
+    """cloudpickle that sets large ``bytes`` and ``bytearray`` aside as persistent
+    ids ``("bytes", i)``/``("bytearray", i)``, i their index among the EVAL's
+    buffers (the C pickler consults ``persistent_id`` for every object, but no
+    other hook for these two types). A Python call per pickled object costs a
+    few µs for a small atom, so it is used only when :func:`_has_big_bytes`
+    finds large buffers where they usually are."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, oob: list[Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.big: list[bytes] = []
+        self.oob = oob
 
-    def persistent_id(self, obj: Any) -> int | None:
-        if type(obj) is bytes and len(obj) >= _OUT_OF_BAND_MIN:
-            self.big.append(obj)
-            return len(self.big) - 1
+    def persistent_id(self, obj: Any) -> tuple[str, int] | None:
+        t = type(obj)
+        if (t is bytes or t is bytearray) and len(obj) >= _OUT_OF_BAND_MIN:
+            self.oob.append(obj)
+            return ("bytes" if t is bytes else "bytearray", len(self.oob) - 1)
         return None
 
 
 def _has_big_bytes(obj: Any, depth: int = 2) -> bool:
-    """Whether `obj` holds a large ``bytes`` near the top: as itself, a value of a
-    dict, list or tuple (two levels down), or a function's closure cell, default or
-    referenced global. A miss only means that bytes object is copied in band."""
+    """Whether `obj` holds a large ``bytes`` or ``bytearray`` near the top: as
+    itself, a value of a dict, list or tuple (two levels down), or a function's
+    closure cell, default or referenced global. A miss only means that buffer is
+    copied in band."""
     t = type(obj)
-    if t is bytes:
+    if t is bytes or t is bytearray:
         return len(obj) >= _OUT_OF_BAND_MIN
     if depth == 0:
         return False
@@ -109,18 +109,13 @@ def _has_big_bytes(obj: Any, depth: int = 2) -> bool:
     return any(_has_big_bytes(v, depth - 1) for v in items)
 
 
-def _dumps(obj: Any) -> bytes | list[Any]:
-    """Pickles `obj` (protocol 5, cloudpickle) for an EVAL field: ``bytes``, or, when
-    it holds large buffers, a list of pieces whose concatenation is an ordinary
-    in-band pickle of `obj`, so the native layer writes the buffers to the socket
-    from where they lie instead of from a copy in the pickle stream. Large
-    ``bytes`` become persistent ids, large buffers (``bytearray``, numpy arrays)
-    go out of band; then each ``<int> BINPERSID`` and each ``NEXT_BUFFER`` is
-    replaced by what pickle itself writes in band for that object (``BINBYTES8``
-    for bytes or a read-only buffer, ``BYTEARRAY8`` for a writable one) followed
-    by the buffer. The server reads a plain pickle; nothing on the wire changes.
-    """
-    buffers: list[memoryview] = []
+def _dumps(obj: Any, oob: list[Any]) -> bytes:
+    """Pickles `obj` (protocol 5, cloudpickle) for an EVAL field. Its large buffers
+    are appended to `oob`, the EVAL's out-of-band buffers, which the native layer
+    writes to the socket from where they lie: ``bytes`` and ``bytearray`` as
+    persistent ids, other buffers (numpy arrays' data) through protocol 5's
+    ``buffer_callback`` (``NEXT_BUFFER``). Fields must be pickled in wire order
+    (globals, locals, payload): the pickles take the buffers in that order."""
 
     def keep(pb: pickle.PickleBuffer) -> bool:
         try:
@@ -129,48 +124,16 @@ def _dumps(obj: Any) -> bytes | list[Any]:
             return True
         if raw.nbytes < _OUT_OF_BAND_MIN:
             return True
-        buffers.append(raw)
+        oob.append(raw)
         return False
 
     out = io.BytesIO()
-    cls = _BigPickler if _has_big_bytes(obj) else _Pickler
-    pickler = cls(out, protocol=_PICKLE_PROTOCOL, buffer_callback=keep)
+    if _has_big_bytes(obj):
+        pickler: Any = _BigPickler(out, protocol=_PICKLE_PROTOCOL, buffer_callback=keep, oob=oob)
+    else:
+        pickler = _Pickler(out, protocol=_PICKLE_PROTOCOL, buffer_callback=keep)
     pickler.dump(obj)
-    data = out.getvalue()
-    if not buffers and not pickler.big:
-        return data
-    # Edits as (start, end, replacement) over `data`. FRAME opcodes are dropped
-    # (framing is optional in protocol 4+, and a frame's length would no longer
-    # match once a buffer is spliced into it).
-    ops: list[tuple[str, Any, int]] = [(op.name, arg, int(pos or 0)) for op, arg, pos in pickletools.genops(data)]
-    edits: list[tuple[int, int, list[Any]]] = []
-    oob = iter(buffers)
-    for i, (name, _arg, pos) in enumerate(ops):
-        if name == "FRAME":
-            edits.append((pos, pos + 9, []))
-        elif name == "NEXT_BUFFER":
-            raw = next(oob)
-            opcode = pickle.BINBYTES8 if raw.readonly else pickle.BYTEARRAY8
-            edits.append((pos, pos + 1, [opcode + raw.nbytes.to_bytes(8, "little"), raw]))
-        elif name == "BINPERSID":
-            # The id is the int pushed by the last opcode before this one that
-            # is not a FRAME; it spans up to the opcode after it.
-            j = i - 1
-            while ops[j][0] == "FRAME":
-                j -= 1
-            big = pickler.big[ops[j][1]]
-            edits.append((ops[j][2], ops[j + 1][2], []))
-            edits.append((pos, pos + 1, [pickle.BINBYTES8 + len(big).to_bytes(8, "little"), big]))
-    edits.sort(key=lambda e: e[0])
-    view = memoryview(data)
-    pieces: list[Any] = []
-    start = 0
-    for a, b, replacement in edits:
-        pieces.append(view[start:a])
-        pieces += replacement
-        start = b
-    pieces.append(view[start:])
-    return pieces
+    return out.getvalue()
 
 
 def _parse_address(address: Address) -> tuple[str, int]:
@@ -319,22 +282,29 @@ class PyProxySession:
         Does not wait for the atom; raises :class:`SessionClosed` if the session is gone.
         """
         conn = self._connection()
-        payload: bytes | list[Any]
         if isinstance(atom, str):
-            kind, payload = _SOURCE, atom.encode("utf-8")
+            kind = _SOURCE
         elif isinstance(atom, types.CodeType):
-            kind, payload = _CODE, _dumps(atom)
+            kind = _CODE
         elif callable(atom):
-            kind, payload = _FUNCTION, _fncache.pickled_function(atom, _dumps)
+            kind = _FUNCTION
         else:
             raise TypeError(f"an atom is source text, a code object or a callable, not {type(atom).__name__}")
-        g = None if globals is None else _dumps(dict(globals))
-        loc = None if locals is None else _dumps(locals)
+        # In wire order: the pickles take the out-of-band buffers in this order.
+        oob: list[Any] = []
+        g = None if globals is None else _dumps(dict(globals), oob)
+        loc = None if locals is None else _dumps(locals, oob)
+        if kind == _SOURCE:
+            payload = atom.encode("utf-8")  # type: ignore[union-attr]
+        elif kind == _FUNCTION:
+            payload = _fncache.pickled_function(atom, oob, _dumps)  # type: ignore[arg-type]
+        else:
+            payload = _dumps(atom, oob)
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout}")
         # An infinite (or absurdly long) timeout is no timeout.
         timeout_ms = None if timeout is None or timeout >= 1e15 else max(1, round(timeout * 1000))
-        atom_id = conn.submit(kind, payload, g, loc, timeout_ms)
+        atom_id = conn.submit(kind, payload, g, loc, timeout_ms, oob)
         return PyProxyFuture(conn, atom_id, timeout)
 
     def output(
