@@ -340,7 +340,12 @@ impl Interp {
         unsafe {
             ffi::PyEval_RestoreThread(tstate);
             self.running_thread.store(thread, Ordering::Release);
-            self.running_atom.store(atom, Ordering::Release);
+            let before = self.running_atom.swap(atom, Ordering::AcqRel);
+            debug_assert!(
+                before == 0,
+                "interpreter {} runs atom {atom} while atom {before} runs",
+                self.serial
+            );
             let outcome = self.call_run(kind, payload, globals, locals, buffers);
             self.running_atom.store(0, Ordering::Release);
             // An interrupt aimed at this atom that has not been delivered yet must
@@ -438,6 +443,12 @@ impl Interp {
     /// the pool thread while no session owns the interpreter. Returns the number
     /// of Python threads the session left running.
     pub(crate) fn reset(&self) -> Result<usize, String> {
+        let running = self.running_atom.load(Ordering::Acquire);
+        debug_assert!(
+            running == 0,
+            "interpreter {} reset while atom {running} runs",
+            self.serial
+        );
         // SAFETY: pool thread, no thread state current; `home` is ours.
         unsafe {
             ffi::PyEval_RestoreThread(self.home);

@@ -356,6 +356,25 @@ impl Anchor {
         // SAFETY: PyThreadState_New needs no GIL; the main interpreter lives until finalisation.
         Anchor(unsafe { ffi::PyThreadState_New(ffi::PyInterpreterState_Main()) })
     }
+
+    /// Points this thread's `PyGILState` slot back at the anchor. Activating a
+    /// thread state (`PyEval_RestoreThread`) binds the slot to it (3.12, 3.13),
+    /// and the next activation on this thread writes to the state the slot
+    /// names. An executor's thread states are deleted by the pool thread (at a
+    /// reset or an interpreter's end), which cannot clear *this* thread's slot:
+    /// left pointing at a deleted state, the next activation here writes into
+    /// freed memory (valgrind: `bind_gilstate_tstate` reading a block freed by
+    /// `drop_exec_tstates`; heap corruption once in ~10 runs of
+    /// `tests/engine.rs`). Call with no thread state current, after every use of
+    /// a thread state another thread may delete.
+    pub(crate) fn rebind(&self) {
+        // SAFETY: the anchor belongs to this thread and is not current; taking
+        // the main interpreter's GIL for a moment is all this costs.
+        unsafe {
+            ffi::PyEval_RestoreThread(self.0);
+            ffi::PyEval_SaveThread();
+        }
+    }
 }
 
 impl Drop for Anchor {

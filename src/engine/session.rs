@@ -20,6 +20,7 @@ use slog::{debug, info, warn, Logger};
 
 use super::interp::{Interp, RawOutcome};
 use super::output::Pump;
+use super::python::Anchor;
 use super::runtime::Shared;
 use super::watchdog::WatchMsg;
 use super::{AtomRequest, Sink};
@@ -288,10 +289,10 @@ impl Drop for EngineSession {
 
 /// One executor thread: its index (for per-interpreter thread states) and pump.
 pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>, pump: Pump) {
-    let _anchor = super::python::Anchor::new();
+    let anchor = super::python::Anchor::new();
     while let Ok(Job::Run(core)) = rx.recv() {
         let slice = Instant::now();
-        while run_next(index, &shared, &core, &pump) {
+        while run_next(index, &shared, &core, &pump, &anchor) {
             // More atoms wait. Keep the session while no other session waits
             // for an executor, and for at most a slice when one does.
             if !shared.runq_tx.is_empty() && slice.elapsed() >= SLICE {
@@ -305,7 +306,13 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
 
 /// Runs the session's next atom; returns true if the session stays scheduled
 /// (held by this executor) because more atoms wait.
-fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &Pump) -> bool {
+fn run_next(
+    index: usize,
+    shared: &Arc<Shared>,
+    core: &Arc<SessionCore>,
+    pump: &Pump,
+    anchor: &Anchor,
+) -> bool {
     let stopping = shared.stopping.load(Ordering::Acquire);
     let mut st = core.lock();
     if st.closed {
@@ -382,7 +389,12 @@ fn run_next(index: usize, shared: &Arc<Shared>, core: &Arc<SessionCore>, pump: &
     drop(st);
 
     match interp {
-        Some(interp) if !q.cancelled => execute(index, shared, core, pump, &interp, q.req, serial),
+        Some(interp) if !q.cancelled => {
+            execute(index, shared, core, pump, &interp, q.req, serial);
+            // Before the interpreter can be parked or recycled (and its thread
+            // states deleted by the pool thread).
+            anchor.rebind();
+        }
         _ => core.deliver_failure(
             q.req.id,
             FailureOrigin::Cancelled,
