@@ -10,10 +10,11 @@
 //! *no* current thread state, enters an interpreter with
 //! `PyEval_RestoreThread(ts)` and leaves it with `PyEval_SaveThread()`. Each
 //! engine thread first creates an *anchor*, a thread state of the main
-//! interpreter that lives as long as the thread: CPython binds the first thread
-//! state a thread creates to that thread's `PyGILState` slot, and the anchor
-//! keeps sub-interpreter thread states (which the pool thread deletes on behalf
-//! of executors) out of it.
+//! interpreter that lives as long as the thread. CPython binds every thread
+//! state it activates to the thread's `PyGILState` slot, and the pool thread
+//! deletes executors' sub-interpreter thread states (at a reset, at an
+//! interpreter's end); so an executor re-binds its slot to its anchor after
+//! every atom ([`Anchor::rebind`]), and the slot never names a deleted state.
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, CStr, CString};
