@@ -54,7 +54,11 @@ def _inputs(fn: types.FunctionType) -> tuple[Any, ...] | None:
     it is not immutable (or `fn` is not a plain ``__main__`` function)."""
     if fn.__module__ != "__main__" or fn.__dict__:
         return None
-    annotations = fn.__annotations__
+    try:
+        # Evaluated on access from Python 3.14 on (PEP 649), and may then raise.
+        annotations = fn.__annotations__
+    except Exception:
+        return None
     if annotations:
         return None
     inputs: list[Any] = [
