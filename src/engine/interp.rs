@@ -77,6 +77,11 @@ pub(crate) struct Interp {
     running_thread: AtomicU64,
     /// Set once `Py_EndInterpreter` ran; nothing may enter the interpreter after.
     ended: AtomicBool,
+    /// A session left Python threads running here: the pool keeps the
+    /// interpreter for that session until it closes (their output must reach
+    /// no other session). Set and cleared by the pool thread while it alone
+    /// holds the interpreter; read under the pool's lock.
+    pinned: AtomicBool,
     /// Held by `interrupt` (which enters from a foreign thread) and by `end`, so
     /// that an interrupt never enters an interpreter being ended. Always taken
     /// before this interpreter's GIL, never while holding it.
@@ -180,6 +185,7 @@ impl Interp {
             running_atom: AtomicU64::new(0),
             running_thread: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            pinned: AtomicBool::new(false),
             gate: Mutex::new(()),
             _out_w: out_w,
             _err_w: err_w,
@@ -505,6 +511,14 @@ impl Interp {
 
     pub(crate) fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_pinned(&self, pinned: bool) {
+        self.pinned.store(pinned, Ordering::Relaxed);
     }
 }
 

@@ -58,18 +58,16 @@ struct Parked {
     interp: Arc<Interp>,
     owner: u64,
     since: Instant,
-    /// The session left Python threads running in it: it stays this session's
-    /// (their output must reach no other session) until the session closes.
-    pinned: bool,
 }
 
 impl PoolState {
     /// The parked interpreter the pool may take from its session: the one
-    /// parked longest, not pinned.
-    fn oldest_unpinned(&self) -> Option<usize> {
-        (0..self.parked.len())
-            .filter(|&i| !self.parked[i].pinned)
-            .min_by_key(|&i| self.parked[i].since)
+    /// parked longest, not pinned to its session (see `Interp::is_pinned`).
+    fn take_oldest_unpinned(&mut self) -> Option<Parked> {
+        let oldest = (0..self.parked.len())
+            .filter(|&i| !self.parked[i].interp.is_pinned())
+            .min_by_key(|&i| self.parked[i].since)?;
+        Some(self.parked.swap_remove(oldest))
     }
 }
 
@@ -77,8 +75,6 @@ struct PoolState {
     /// Reset (or fresh) interpreters, ready for any session.
     ready: Vec<Arc<Interp>>,
     parked: Vec<Parked>,
-    /// Serials of pinned interpreters (see [`Parked::pinned`]) their session holds now.
-    pinned: std::collections::HashSet<u64>,
     /// Interpreters sent back for reset and not yet ready again: counted as
     /// ready when deciding whether to create one (creating takes ~70 ms and
     /// adds 6–7 MB; a reset takes a few ms).
@@ -126,11 +122,7 @@ impl Shared {
         let started = Instant::now();
         let mut pool = lock(&self.pool);
         if let Some(at) = pool.parked.iter().position(|p| p.owner == owner) {
-            let parked = pool.parked.swap_remove(at);
-            if parked.pinned {
-                pool.pinned.insert(parked.interp.serial);
-            }
-            return Ok(parked.interp);
+            return Ok(pool.parked.swap_remove(at).interp);
         }
         loop {
             if self.stopping.load(Ordering::Acquire) {
@@ -169,14 +161,10 @@ impl Shared {
     /// Keeps the interpreter of a session whose queue ran empty for that
     /// session's next atom (see [`Parked`]).
     pub(crate) fn park(&self, owner: u64, interp: Arc<Interp>) {
-        let mut pool = lock(&self.pool);
-        // A pinned interpreter stays pinned while its session lives.
-        let pinned = pool.pinned.remove(&interp.serial);
-        pool.parked.push(Parked {
+        lock(&self.pool).parked.push(Parked {
             interp,
             owner,
             since: Instant::now(),
-            pinned,
         });
     }
 
@@ -299,7 +287,6 @@ impl Engine {
             pool: Mutex::new(PoolState {
                 ready: Vec::new(),
                 parked: Vec::new(),
-                pinned: Default::default(),
                 recycling: 0,
                 failed: None,
             }),
@@ -568,17 +555,14 @@ fn pool_loop(
                 if stopping || interp.is_ended() {
                     continue;
                 }
-                lock(&shared.pool).pinned.remove(&interp.serial);
+                // Its session is gone, and with it the reason for a pin.
+                interp.set_pinned(false);
                 reset_into_ready(&shared, &log, &mut all, interp, false);
             }
             None if need => {
                 // Resetting an idle session's parked interpreter takes well under
                 // a millisecond; creating one takes ~70 ms and 6–7 MB.
-                let stolen = {
-                    let mut pool = lock(&shared.pool);
-                    let oldest = pool.oldest_unpinned();
-                    oldest.map(|i| pool.parked.swap_remove(i))
-                };
+                let stolen = lock(&shared.pool).take_oldest_unpinned();
                 if let Some(parked) = stolen {
                     let owner = parked.owner;
                     if let Some(interp) =
@@ -587,12 +571,8 @@ fn pool_loop(
                         warn!(log, "a session left Python threads running in its interpreter; \
                                     it keeps that interpreter to itself until it closes";
                               "interp" => interp.serial, "session_key" => owner);
-                        lock(&shared.pool).parked.push(Parked {
-                            interp,
-                            owner,
-                            since: Instant::now(),
-                            pinned: true,
-                        });
+                        interp.set_pinned(true);
+                        shared.park(owner, interp);
                     }
                     continue;
                 }
@@ -625,11 +605,10 @@ fn pool_loop(
                         let mut pool = lock(&shared.pool);
                         if pool.ready.len() + pool.parked.len() <= idle_cap(config) {
                             None
-                        } else if pool.oldest_unpinned().is_none() {
-                            (!pool.ready.is_empty()).then(|| pool.ready.remove(0))
+                        } else if let Some(parked) = pool.take_oldest_unpinned() {
+                            Some(parked.interp)
                         } else {
-                            pool.oldest_unpinned()
-                                .map(|i| pool.parked.swap_remove(i).interp)
+                            (!pool.ready.is_empty()).then(|| pool.ready.remove(0))
                         }
                     };
                     if let Some(interp) = surplus {

@@ -229,10 +229,10 @@ impl SessionCore {
             self.shared.promise_recycle();
         }
         let idle_interp = if st.scheduled { None } else { st.interp.take() };
-        if !st.scheduled {
-            // Under the session lock, so the executor cannot park it meanwhile.
-            self.shared.unpark_for_reset(self.key);
-        }
+        // Whatever the session has parked, also while it waits in the run queue
+        // (an executor taking it now sees `closed` and parks nothing). Under the
+        // session lock, so no executor parks for it meanwhile.
+        self.shared.unpark_for_reset(self.key);
         drop(st);
         if let Some(atom) = running {
             info!(self.log, "session closed mid-atom, interrupting"; "atom" => atom);
@@ -289,7 +289,7 @@ impl Drop for EngineSession {
 
 /// One executor thread: its index (for per-interpreter thread states) and pump.
 pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>, pump: Pump) {
-    let anchor = super::python::Anchor::new();
+    let anchor = Anchor::new();
     while let Ok(Job::Run(core)) = rx.recv() {
         let slice = Instant::now();
         while run_next(index, &shared, &core, &pump, &anchor) {
