@@ -34,6 +34,8 @@ type Work = Box<dyn FnOnce() + Send>;
 /// work is on its way to the waiting threads and it must stay for it.
 struct Idle {
     idle: AtomicUsize,
+    /// OS threads started so far (the rest of the work ran on reused ones).
+    started: AtomicUsize,
     tx: Sender<(String, Work)>,
     rx: Receiver<(String, Work)>,
 }
@@ -44,6 +46,7 @@ fn idle_threads() -> &'static Idle {
         let (tx, rx) = unbounded();
         Idle {
             idle: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
             tx,
             rx,
         }
@@ -64,6 +67,7 @@ fn run_on_thread(name: String, work: Work) -> io::Result<()> {
         let _ = pool.tx.send((name, work));
         return Ok(());
     }
+    pool.started.fetch_add(1, Ordering::Relaxed);
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -241,5 +245,67 @@ mod tests {
         assert!(b
             .wait_until(Instant::now() + Duration::from_secs(5))
             .is_ok());
+    }
+
+    /// The idle threads are process-wide: tests that count them take turns.
+    static IDLE_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn finished_threads_are_reused_and_renamed() {
+        let _turn = IDLE_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let g = ThreadGroup::new();
+        let started_before = idle_threads().started.load(Ordering::SeqCst);
+        for i in 0..200 {
+            let (tx, rx) = bounded(1);
+            let name = format!("reuse-{i}");
+            g.handle()
+                .spawn(name.clone(), &[], move || {
+                    let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+                    let _ = tx.send(comm.trim().to_owned());
+                })
+                .unwrap();
+            let comm = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(comm, name);
+            // Until the thread is idle again (other tests may use idle threads too).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while idle_threads().idle.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+        }
+        // One new thread per piece of work would be 200.
+        let started = idle_threads().started.load(Ordering::SeqCst) - started_before;
+        assert!(
+            started < 10,
+            "{started} threads started for 200 pieces of work"
+        );
+    }
+
+    #[test]
+    fn every_piece_of_work_runs_once_under_contention() {
+        let _turn = IDLE_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = ThreadGroup::new();
+        let done = Arc::new(AtomicUsize::new(0));
+        let spawners: Vec<_> = (0..4)
+            .map(|_| {
+                let h = g.handle();
+                let done = Arc::clone(&done);
+                std::thread::spawn(move || {
+                    for _ in 0..250 {
+                        let done = Arc::clone(&done);
+                        h.spawn("burst".into(), &[], move || {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for s in spawners {
+            s.join().unwrap();
+        }
+        assert!(g
+            .wait_until(Instant::now() + Duration::from_secs(10))
+            .is_ok());
+        assert_eq!(done.load(Ordering::SeqCst), 1000);
     }
 }
