@@ -420,6 +420,11 @@ _MAIN_FUNCTIONS = (
     "    def get():\n        return n\n"
     "    def put(v):\n        nonlocal n\n        n = v\n"
     "    return get, put\n"
+    "def bump():\n    global x\n    x += 1\n    return x\n"
+    "def incrementer():\n"
+    "    n = 0\n"
+    "    def inc():\n        nonlocal n\n        n += 1\n        return n\n"
+    "    return inc\n"
 )
 
 
@@ -465,6 +470,19 @@ def test_repeated_function_atoms_keep_their_meaning(session):
     default.__code__ = read_x.__code__
     ns["x"] = 10
     assert session.eval(default).wait(10) == 10
+
+
+def test_a_function_atom_changes_nothing_the_next_call_of_the_same_pickle_sees(session):
+    # The same pickle again (the client reuses it, the server rebuilds the function
+    # from what it kept): a global the atom rebinds and a closure cell it changes
+    # start from the pickled values every time.
+    ns = _main_namespace()
+    assert [session.eval(ns["bump"]).wait(10) for _ in range(3)] == [2, 2, 2]
+    inc = ns["incrementer"]()
+    assert [session.eval(inc).wait(10) for _ in range(3)] == [1, 1, 1]
+    assert [session.eval(ns["keyword"]).wait(10) for _ in range(2)] == [1, 1]
+    assert session.eval(ns["bump"], globals={"x": 41}).wait(10) == 42
+    assert session.eval(ns["bump"]).wait(10) == 2
 
 
 def test_a_function_pickle_is_reused_only_while_its_inputs_are_unchanged():

@@ -30,6 +30,7 @@ import pickle as _pickle
 import sys as _sys
 import threading as _threading
 import traceback as _traceback
+import types as _types
 import warnings as _warnings
 
 import cloudpickle as _cloudpickle
@@ -371,6 +372,95 @@ def _run_source(src, ns, loc):
     return eval(value, ns, loc) if value is not None else None
 
 
+# Functions rebuilt from their pickle, by the pickle's bytes. Unpickling a
+# cloudpickled function (a code object, a globals dict, cloudpickle's
+# _function_setstate) was most of a small function atom's cost here. Only a
+# function made entirely of immutable values (see _function_parts) is kept, and
+# every call gets a new function object with a new globals dict, new closure
+# cells and new keyword defaults, so a call can change nothing the next one
+# sees: the same as unpickling the same bytes again. reset() empties it, so
+# nothing a session patched (cloudpickle itself, say) outlives the session.
+_FUNCTION_CACHE = {}
+_FUNCTION_CACHE_ENTRIES = 256
+_FUNCTION_CACHE_MAX_PICKLE = 16 * 1024
+_IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes})
+_FunctionType = _types.FunctionType
+
+
+def _immutable(value, depth=3):
+    t = type(value)
+    if t in _IMMUTABLE:
+        return True
+    if t is tuple and depth > 0:
+        return all(_immutable(v, depth - 1) for v in value)
+    return False
+
+
+def _function_parts(fn):
+    """What a copy of `fn` is made from, when every part of it is immutable (a
+    copy then behaves exactly as a fresh unpickle of the same bytes), else None."""
+    if type(fn) is not _FunctionType or fn.__dict__ or fn.__annotations__:
+        return None
+    if getattr(fn, "__type_params__", ()):
+        return None
+    g = fn.__globals__
+    for k, v in g.items():
+        if type(k) is not str or not (_immutable(v) or k == "__builtins__"):
+            return None
+    defaults, kwdefaults, closure = fn.__defaults__, fn.__kwdefaults__, fn.__closure__
+    if defaults is not None and not _immutable(defaults):
+        return None
+    if kwdefaults is not None and not all(
+        type(k) is str and _immutable(v) for k, v in kwdefaults.items()
+    ):
+        return None
+    cells = None
+    if closure is not None:
+        cells = []
+        for cell in closure:
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                value = _MISSING
+            if value is not _MISSING and not _immutable(value):
+                return None
+            cells.append(value)
+        cells = tuple(cells)
+    return (fn.__code__, dict(g), fn.__name__, defaults, kwdefaults, cells,
+            fn.__qualname__, fn.__module__, fn.__doc__)
+
+
+def _function_from_parts(parts):
+    code, g, name, defaults, kwdefaults, cells, qualname, module, doc = parts
+    closure = None
+    if cells is not None:
+        closure = tuple(_types.CellType() if v is _MISSING else _types.CellType(v) for v in cells)
+    fn = _FunctionType(code, dict(g), name, defaults, closure)
+    fn.__qualname__ = qualname
+    fn.__module__ = module
+    fn.__doc__ = doc
+    if kwdefaults is not None:
+        fn.__kwdefaults__ = dict(kwdefaults)
+    return fn
+
+
+def _load_function(payload, taken):
+    if type(payload) is not bytes:
+        return taken.loads(payload)
+    parts = _FUNCTION_CACHE.get(payload)
+    if parts:
+        return _function_from_parts(parts)
+    before = taken._next
+    fn = taken.loads(payload)
+    # A pickle that took out-of-band buffers depends on more than its bytes.
+    if parts is None and taken._next == before and len(payload) <= _FUNCTION_CACHE_MAX_PICKLE:
+        if len(_FUNCTION_CACHE) >= _FUNCTION_CACHE_ENTRIES:
+            del _FUNCTION_CACHE[next(iter(_FUNCTION_CACHE))]
+        # False remembers a function that cannot be copied: not checked again.
+        _FUNCTION_CACHE[payload] = _function_parts(fn) or False
+    return fn
+
+
 class _OobUnpickler(_pickle.Unpickler):
     def persistent_load(self, pid):
         return self.oob.persistent_load(pid)
@@ -435,7 +525,7 @@ def _run(kind, payload, gbytes, lbytes, take, count):
     if kind == _CODE:
         code = taken.loads(payload)
     elif kind == _FUNCTION:
-        fn = taken.loads(payload)
+        fn = _load_function(payload, taken)
     taken.finish()
     del taken, take
     if g is not None:
@@ -584,6 +674,7 @@ def reset():
         mutated()
     _restore_dict(_copyreg.dispatch_table, s["dispatch_table"])
     _linecache.clearcache()
+    _FUNCTION_CACHE.clear()
 
     _restore_environ(s["environ"])
     if _workdir is not None and _os.getcwd() != _workdir:
