@@ -527,3 +527,16 @@ def test_repeated_source_atoms_keep_their_meaning(session):
     assert [session.eval("g * 2", globals={"g": g}).wait(10) for g in (1, 5, 7)] == [2, 10, 14]
     with pytest.raises(NameError):
         session.eval("g * 2").wait(10)
+
+
+def test_an_atom_sent_behind_a_running_one_runs_without_a_wait(session, tmp_path):
+    # The second atom waits in the client until the first one's result arrives;
+    # nothing here waits on a future, and it must run all the same.
+    marker = tmp_path / "ran"
+    first = session.eval("import time\ntime.sleep(0.3)\n1")
+    second = session.eval(f"open({str(marker)!r}, 'w').close()\n2")
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), "the queued atom never ran"
+    assert first.wait(10) == 1 and second.wait(10) == 2

@@ -189,3 +189,52 @@ def test_sessions_are_independent(server):
     assert slow.wait(10) == "b"
     assert pyproxy.wait([b.eval("1")], timeout=10).not_done == set()
     b.close()
+
+
+def test_atoms_sent_behind_a_running_one_run_while_the_main_thread_holds_the_gil(server):
+    # Atoms submitted while an earlier one is unanswered wait in the client and
+    # go out when that one's result arrives: the session thread sends them, so
+    # they run while this thread keeps the GIL and calls nothing.
+    with PyProxySession(server.address, token=server.token) as s:
+        first = s.eval("import time\ntime.sleep(0.2)\n1")
+        rest = [s.eval(str(i)) for i in range(2, 50)]
+        libc = ctypes.PyDLL(None)
+        libc.sleep.argtypes = [ctypes.c_uint]
+        libc.sleep(2)
+        assert first.done() and all(f.done() for f in rest), "queued atoms were not sent"
+        assert [f.wait(0) for f in [first, *rest]] == list(range(1, 50))
+
+
+def test_threads_submitting_small_and_large_atoms_to_one_session(server, tmp_path):
+    # Small atoms may wait in the client's queue while a large one is written
+    # from its caller's memory: each atom must still run exactly once, and in
+    # the order of the ids they were given, whichever thread sent it.
+    log = tmp_path / "order"
+    big = bytes(range(256)) * 4096  # 1 MiB: travels out of band
+    record = f"open({str(log)!r}, 'a').write(tag + ' ')\n"
+    with PyProxySession(server.address, token=server.token) as s:
+        futures: list = []
+        lock = threading.Lock()
+
+        def submit(t):
+            for i in range(120):
+                tag = f"{t}-{i}"
+                if i % 40 == 7:
+                    f = s.eval(record + "len(blob)", globals={"blob": big, "tag": tag})
+                else:
+                    f = s.eval(record + f"{t * 1000 + i}", globals={"tag": tag})
+                with lock:
+                    futures.append((tag, f))
+
+        threads = [threading.Thread(target=submit, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        for tag, f in futures:
+            t, i = map(int, tag.split("-"))
+            assert f.wait(60) == (len(big) if i % 40 == 7 else t * 1000 + i)
+        by_id = sorted(futures, key=lambda tf: tf[1].atom_id)
+        ids = [f.atom_id for _, f in by_id]
+        assert ids == list(range(ids[0], ids[0] + 480))
+    assert log.read_text().split() == [tag for tag, _ in by_id]

@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod notify;
+mod outbox;
 mod reader;
 pub mod session;
 

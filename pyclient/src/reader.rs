@@ -26,6 +26,7 @@ use pyproxy::protocol::{Frame, Header, Kind, Message, HEADER_SIZE};
 
 use crate::error::code_name;
 use crate::notify::Pipe;
+use crate::outbox::Outbox;
 use crate::session::{Completion, Death, LogRecord, Shared, State};
 
 /// Bytes read from a socket per `read` call.
@@ -201,6 +202,7 @@ pub(crate) struct Start {
     pub main: TcpStream,
     pub out: TcpStream,
     pub wake: Arc<Pipe>,
+    pub outbox: Arc<Outbox>,
     pub max_frame: u32,
 }
 
@@ -260,10 +262,11 @@ fn serve(start: Start) {
         main,
         out,
         wake,
+        outbox,
         max_frame,
     } = start;
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        run(&shared, &main, &out, &wake, max_frame)
+        run(&shared, &main, &out, &wake, &outbox, max_frame)
     }));
     let mut cause = result.unwrap_or_else(|payload| {
         let text = payload
@@ -280,6 +283,7 @@ fn serve(start: Start) {
         cause = Cause::ClientClosed;
     }
     teardown(&shared, cause, &main, &out);
+    outbox.close();
 }
 
 /// Names a thread, so `/proc/self/task/*/comm` and debuggers show whose it is
@@ -329,16 +333,45 @@ fn teardown(shared: &Shared, cause: Cause, main: &TcpStream, out: &TcpStream) {
     shared.trace("session dead; reader thread exiting");
 }
 
-fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_frame: u32) -> Cause {
+/// Requests this thread is sending for the outbox (it holds the token), and
+/// how far it got: the rest goes when the socket is writable again.
+type Sending = Option<(Vec<u8>, usize)>;
+
+/// Sends what this thread holds for the outbox without blocking, then
+/// whatever was queued meanwhile, until the socket is full or nothing is left
+/// (the token is given up).
+fn send_queued(outbox: &Outbox, sending: &mut Sending) -> Result<(), Cause> {
+    while let Some((bytes, from)) = sending {
+        match outbox.send_some(bytes, from) {
+            Ok(true) => *sending = outbox.sent_all().map(|b| (b, 0)),
+            Ok(false) => return Ok(()),
+            Err(e) => return Err(Cause::Io("main-stream", e)),
+        }
+    }
+    Ok(())
+}
+
+fn run(
+    shared: &Shared,
+    main: &TcpStream,
+    out: &TcpStream,
+    wake: &Pipe,
+    outbox: &Outbox,
+    max_frame: u32,
+) -> Cause {
     let mut inboxes = [Inbox::new("main-stream"), Inbox::new("output-stream")];
     let streams = [main, out];
     let mut scratch = vec![0u8; READ_SIZE];
+    let mut sending: Sending = None;
     loop {
         let mut fds = [
             pollfd(main.as_raw_fd()),
             pollfd(out.as_raw_fd()),
             pollfd(wake.read.as_raw_fd()),
         ];
+        if sending.is_some() {
+            fds[0].events |= libc::POLLOUT;
+        }
         // SAFETY: three valid pollfds.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if rc < 0 {
@@ -351,8 +384,13 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
         if fds[2].revents != 0 {
             return Cause::ClientClosed;
         }
+        if fds[0].revents & libc::POLLOUT != 0 {
+            if let Err(cause) = send_queued(outbox, &mut sending) {
+                return cause;
+            }
+        }
         for i in 0..2 {
-            if fds[i].revents == 0 {
+            if fds[i].revents & !libc::POLLOUT == 0 {
                 continue;
             }
             let n = match (&mut &*streams[i]).read(inboxes[i].read_buf(&mut scratch)) {
@@ -401,17 +439,21 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
                 })
                 .collect();
             // One lock and one wake-up per read, however many frames it held.
+            let mut answered = 0;
             let stop = {
                 let mut st = shared.lock();
                 let mut stop = None;
                 for (frame, decoded) in frames {
                     let routed = match decoded {
                         Some(msg) => route_main(&mut st, frame.request_id, msg),
-                        None => route_output(&mut st, frame),
+                        None => route_output(&mut st, frame).map(|()| false),
                     };
-                    if let Err(cause) = routed {
-                        stop = Some(cause);
-                        break;
+                    match routed {
+                        Ok(completed) => answered += u64::from(completed),
+                        Err(cause) => {
+                            stop = Some(cause);
+                            break;
+                        }
                     }
                 }
                 stop
@@ -419,6 +461,15 @@ fn run(shared: &Shared, main: &TcpStream, out: &TcpStream, wake: &Pipe, max_fram
             shared.changed.notify_all();
             if let Some(cause) = stop {
                 return cause;
+            }
+            // Requests corked behind these atoms go now (see `outbox`).
+            if answered > 0 {
+                if let Some(bytes) = outbox.answered(answered) {
+                    sending = Some((bytes, 0));
+                    if let Err(cause) = send_queued(outbox, &mut sending) {
+                        return cause;
+                    }
+                }
             }
         }
     }
@@ -437,7 +488,8 @@ fn decode(frame: &Frame, stream: &str) -> Result<Message, Cause> {
         .map_err(|e| Cause::Protocol(format!("undecodable {} on {stream}: {e}", frame.kind)))
 }
 
-fn route_main(st: &mut State, atom: u64, msg: Result<Message, Cause>) -> Result<(), Cause> {
+/// Files a main-stream message; true when it completed an atom.
+fn route_main(st: &mut State, atom: u64, msg: Result<Message, Cause>) -> Result<bool, Cause> {
     match msg? {
         Message::Result(r) => st.complete(atom, Completion::Result(r)),
         Message::Error(e) if atom != 0 => st.complete(atom, Completion::Refused(e)),
@@ -455,7 +507,7 @@ fn route_main(st: &mut State, atom: u64, msg: Result<Message, Cause>) -> Result<
             )))
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn route_output(st: &mut State, frame: Frame) -> Result<(), Cause> {
@@ -770,6 +822,8 @@ pub(crate) mod tests {
             .submit(AtomKind::Source, b"2", None, None, Some(500))
             .unwrap();
         assert_eq!((a1, a2), (1, 2), "atom ids increase from 1");
+        // Atom 2 waits in the outbox behind unanswered atom 1 until flushed.
+        s.flush();
         let (id, m) = peer.recv_main();
         assert_eq!(id, 1);
         assert!(matches!(m, Message::Eval(ref e) if e.payload == b"1" && e.timeout_ms.is_none()));

@@ -2,13 +2,15 @@
 //! the table that the reader thread fills, and the calls a Python thread makes
 //! (submit, cancel, wait, read output, close).
 //!
-//! Nothing here touches Python. Requests are written from the calling thread
-//! under the `writer` mutex; responses are routed by the reader thread
+//! Nothing here touches Python. Requests go out through the [`Outbox`]
+//! (written by the calling thread, or corked behind an unanswered atom and
+//! sent by the reader thread); responses are routed by the reader thread
 //! ([`crate::reader`]) into [`State`] as raw bytes, and callers block on the
 //! `changed` condvar. `lib.rs` wraps these calls and releases the GIL around
 //! every one that can block.
 //!
-//! Lock order: `writer` before `state`. The reader thread only ever takes `state`.
+//! Lock order: the outbox's queue before `state`. The reader thread never
+//! holds both.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{self, Write};
@@ -26,6 +28,7 @@ use pyproxy::protocol::{
 
 use crate::error::{ClientError, Result};
 use crate::notify::{Notifier, Pipe};
+use crate::outbox::{self, Outbox};
 use crate::reader;
 
 /// The client's name and version, sent in `HELLO` for the server's log.
@@ -267,12 +270,25 @@ impl Shared {
     }
 }
 
+/// Why a submit failed: the session (an error for the caller as it is) or
+/// the socket (the session dies of it).
+enum SubmitError {
+    Client(ClientError),
+    Io(io::Error),
+}
+
+impl From<io::Error> for SubmitError {
+    fn from(e: io::Error) -> SubmitError {
+        SubmitError::Io(e)
+    }
+}
+
 /// A connected session. Dropping it closes it.
 pub struct Session {
     pub info: SessionInfo,
     pub(crate) shared: Arc<Shared>,
-    /// The main-stream, for writing requests; the reader thread has its own handle.
-    writer: Mutex<TcpStream>,
+    /// The main-stream's write side, shared with the reader thread.
+    outbox: Arc<Outbox>,
     /// Written once by `close` to wake the reader thread.
     wake: Arc<Pipe>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -593,7 +609,7 @@ impl Session {
             close_requested: AtomicBool::new(false),
         });
         let wake = Arc::new(Pipe::new()?);
-        let writer = main.try_clone()?;
+        let outbox = Arc::new(Outbox::new(main.try_clone()?));
         // Frames from the server may be as large as the ones it accepts.
         let max_frame = info.limits.max_frame.max(DEFAULT_MAX_FRAME);
         let start = reader::Start {
@@ -601,13 +617,14 @@ impl Session {
             main,
             out,
             wake: wake.clone(),
+            outbox: outbox.clone(),
             max_frame,
         };
         let thread = thread.start(start, info.session_id)?;
         Ok(Session {
             info,
             shared,
-            writer: Mutex::new(writer),
+            outbox,
             wake,
             thread: Mutex::new(Some(thread)),
         })
@@ -666,39 +683,45 @@ impl Session {
         if size + HEADER_SIZE > max as usize {
             return Err(ClientError::TooLarge { size, max });
         }
-        // Holding the writer while taking the id keeps ids increasing on the wire.
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let atom = {
+        // The id is taken under the outbox's lock, so ids increase on the wire.
+        let take_id = || -> std::result::Result<u64, SubmitError> {
             let mut st = self.shared.lock();
             if st.dead.is_some() || self.shared.close_requested.load(Ordering::SeqCst) {
-                return Err(self.closed_error(&st));
+                return Err(SubmitError::Client(self.closed_error(&st)));
             }
             let atom = st.next_atom;
             st.next_atom += 1;
             st.atoms.insert(atom, Slot::default());
             st.atom_output.insert(atom, AtomOutput::default());
             st.pending.insert(atom);
-            atom
+            Ok(atom)
         };
-        // Vectored, straight from the caller's buffers: no copy into a frame.
-        if let Err(e) = pyproxy::protocol::write_eval(
-            &mut *writer,
-            atom,
-            kind,
-            timeout_ms,
-            globals,
-            locals,
-            payload,
-            buffers,
-        )
-        .and_then(|()| writer.flush().map_err(Into::into))
-        {
-            drop(writer);
-            self.fail_write(&e.to_string());
-            let st = self.shared.lock();
-            return Err(self.closed_error(&st));
+        let write = |mut w: &mut dyn Write, atom: u64| {
+            pyproxy::protocol::write_eval(
+                &mut w, atom, kind, timeout_ms, globals, locals, payload, buffers,
+            )
+            .map_err(|e| io::Error::other(e.to_string()))
+        };
+        let sent = if size <= outbox::SMALL_REQUEST {
+            self.outbox.submit(outbox::Send::Atom, |buf| {
+                let atom = take_id()?;
+                write(buf, atom)?;
+                Ok(atom)
+            })
+        } else {
+            // Vectored, straight from the caller's buffers: no copy into a frame.
+            self.outbox
+                .submit_large(take_id, |w, &atom| write(w, atom).and_then(|()| w.flush()))
+        };
+        match sent {
+            Ok(atom) => Ok(atom),
+            Err(SubmitError::Client(e)) => Err(e),
+            Err(SubmitError::Io(e)) => {
+                self.fail_write(&e.to_string());
+                let st = self.shared.lock();
+                Err(self.closed_error(&st))
+            }
         }
-        Ok(atom)
     }
 
     /// A write failed: the session is dead. Shut the socket so the reader
@@ -717,26 +740,31 @@ impl Session {
                 });
             }
         }
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writer.shutdown(Shutdown::Both);
+        let _ = self.outbox.stream().shutdown(Shutdown::Both);
     }
 
     /// Sends `CANCEL` for an atom that has not finished. True if it was sent.
     pub fn cancel(&self, atom: u64) -> Result<bool> {
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        {
-            let st = self.shared.lock();
-            if st.dead.is_some() || !st.pending.contains(&atom) {
-                return Ok(false);
+        let frame = Message::Cancel(Cancel { target: atom }).to_frame(atom);
+        let sent = self.outbox.submit(outbox::Send::Now, |buf| {
+            {
+                let st = self.shared.lock();
+                if st.dead.is_some() || !st.pending.contains(&atom) {
+                    return Ok(false);
+                }
+            }
+            FrameWriter::new(buf)
+                .write_frame(&frame)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            Ok::<bool, io::Error>(true)
+        });
+        match sent {
+            Ok(sent) => Ok(sent),
+            Err(e) => {
+                self.fail_write(&e.to_string());
+                Ok(false)
             }
         }
-        let frame = Message::Cancel(Cancel { target: atom }).to_frame(atom);
-        if let Err(e) = FrameWriter::new(&mut *writer).write_frame(&frame) {
-            drop(writer);
-            self.fail_write(&e.to_string());
-            return Ok(false);
-        }
-        Ok(true)
     }
 
     /// The atom's completion, waiting up to `timeout` (`None`: without limit).
@@ -760,7 +788,15 @@ impl Session {
         })
     }
 
+    /// Sends corked requests before a caller blocks on their results.
+    pub(crate) fn flush(&self) {
+        if let Err(e) = self.outbox.flush() {
+            self.fail_write(&e.to_string());
+        }
+    }
+
     pub fn wait(&self, atom: u64, timeout: Option<Duration>) -> Result<Option<Arc<Completion>>> {
+        self.flush();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.shared.lock();
         loop {
@@ -844,6 +880,7 @@ impl Session {
         timeout: Option<Duration>,
         max_bytes: usize,
     ) -> Result<(Vec<Chunk>, bool)> {
+        self.flush();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.shared.lock();
         if atom.is_none() {
@@ -909,14 +946,16 @@ impl Session {
     pub fn close(&self) {
         if !self.shared.close_requested.swap(true, Ordering::SeqCst) {
             // A writer stuck on a full socket must not keep close() waiting:
-            // without the lock, skip CLOSE; the server ends the session when
-            // the streams close anyway.
-            if let Ok(mut writer) = self.writer.try_lock() {
-                let alive = self.shared.lock().dead.is_none();
-                if alive {
-                    let _ = writer.set_write_timeout(Some(Duration::from_secs(1)));
-                    let _ = FrameWriter::new(&mut *writer).write_frame(&Message::Close.to_frame(0));
-                }
+            // CLOSE is then left to it, and otherwise written within 1 s; the
+            // server ends the session when the streams close anyway.
+            if self.shared.lock().dead.is_none() {
+                self.outbox.set_write_timeout(Duration::from_secs(1));
+                let close = Message::Close.to_frame(0);
+                let _ = self.outbox.submit(outbox::Send::Now, |buf| {
+                    FrameWriter::new(buf)
+                        .write_frame(&close)
+                        .map_err(|e| io::Error::other(e.to_string()))
+                });
             }
             self.shared
                 .trace("close() called: waking the reader thread");
@@ -933,10 +972,7 @@ impl Session {
     #[cfg(test)]
     pub(crate) fn main_fd(&self) -> i32 {
         use std::os::fd::AsRawFd;
-        self.writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_raw_fd()
+        self.outbox.stream().as_raw_fd()
     }
 }
 
