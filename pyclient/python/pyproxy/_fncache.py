@@ -16,6 +16,7 @@ mutable defaults.
 
 from __future__ import annotations
 
+import operator
 import types
 import weakref
 from collections.abc import Callable
@@ -26,7 +27,7 @@ _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 _BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")
 _MISSING = object()
 
-_cache: weakref.WeakKeyDictionary[types.FunctionType, tuple[tuple[Any, ...], bytes]] = (
+_cache: weakref.WeakKeyDictionary[types.FunctionType, tuple[list[Any], bytes]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -49,9 +50,9 @@ def _global_names(code: types.CodeType) -> list[str]:
     return names
 
 
-def _inputs(fn: types.FunctionType) -> tuple[Any, ...] | None:
-    """Everything cloudpickle's pickle of `fn` is made from, or None when some of
-    it is not immutable (or `fn` is not a plain ``__main__`` function)."""
+def _inputs(fn: types.FunctionType) -> list[Any] | None:
+    """Everything cloudpickle's pickle of `fn` is made from, its code first, or
+    None when `fn` is not a plain ``__main__`` function."""
     if fn.__module__ != "__main__" or fn.__dict__:
         return None
     try:
@@ -81,9 +82,12 @@ def _inputs(fn: types.FunctionType) -> tuple[Any, ...] | None:
     for name in _global_names(fn.__code__):
         inputs.append(name)
         inputs.append(g.get(name, _MISSING))
-    if not all(v is _MISSING or v is fn.__code__ or _immutable(v) for v in inputs):
-        return None
-    return tuple(inputs)
+    return inputs
+
+
+def _reusable(inputs: list[Any]) -> bool:
+    code = inputs[0]
+    return all(v is _MISSING or v is code or _immutable(v) for v in inputs)
 
 
 def pickled_function(
@@ -96,14 +100,15 @@ def pickled_function(
     if type(fn) is not types.FunctionType:
         return dumps(fn, oob)
     inputs = _inputs(fn)
-    if inputs is None:
+    hit = _cache.get(fn)
+    # The same objects as last time were all immutable then, so they still are.
+    if hit is not None and inputs is not None:
+        old, data = hit
+        if len(old) == len(inputs) and all(map(operator.is_, old, inputs)):
+            return data
+    if inputs is None or not _reusable(inputs):
         _cache.pop(fn, None)
         return dumps(fn, oob)
-    hit = _cache.get(fn)
-    if hit is not None:
-        old, data = hit
-        if len(old) == len(inputs) and all(a is b for a, b in zip(old, inputs)):
-            return data
     before = len(oob)
     data = dumps(fn, oob)
     if len(oob) == before:
