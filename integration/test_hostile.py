@@ -263,3 +263,35 @@ def test_pickles_that_take_too_few_or_too_many_buffers_fail_their_atom_only(serv
         assert "UnpicklingError" in res.decoded["type_name"], res
     assert_healthy(s, 3)
     s.close()
+
+
+def test_a_frame_that_stalls_half_way_ends_its_session_but_idle_sessions_live(start_server):
+    # A client that sends half a frame and stops would otherwise hold its session
+    # (and a connection thread) until it hangs up.
+    server = start_server(frame_timeout=0.5)
+    idle = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(idle, 1, lines=10)
+
+    stalled = wire.open_session(server.host, server.port, server.token)
+    frame = wire.eval_frame(1, "print('never')")
+    started = time.monotonic()
+    stalled.main.send(frame[: len(frame) // 2])
+    f = stalled.main.read_kind(wire.ERROR, 10)
+    assert f.decoded["code"] == wire.TIMEOUT and "stalled" in f.decoded["message"], f
+    assert stalled.main.is_closed(5)
+    assert 0.4 <= time.monotonic() - started < 5
+
+    # A frame trickled in byte by byte stalls too: the limit is for the whole frame.
+    trickle = wire.open_session(server.host, server.port, server.token)
+    try:
+        for b in frame:
+            trickle.main.send(bytes([b]))
+            time.sleep(0.05)
+    except OSError:
+        pass  # the server closed it while we trickled
+    assert trickle.main.is_closed(5)
+
+    # Idle for longer than the frame timeout: nothing happens to a session.
+    time.sleep(1.2)
+    assert_healthy(idle, 2, lines=10)
+    idle.close()

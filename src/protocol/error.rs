@@ -34,6 +34,11 @@ pub enum Error {
         kind: &'static str,
         expected: &'static str,
     },
+    /// A frame began but the rest of it did not arrive within the frame timeout.
+    Stalled {
+        timeout: std::time::Duration,
+        got: usize,
+    },
     /// The underlying stream failed.
     Io(io::Error),
 }
@@ -96,6 +101,12 @@ impl fmt::Display for Error {
             Error::Unexpected { kind, expected } => {
                 write!(f, "unexpected {kind} frame; expected {expected}")
             }
+            Error::Stalled { timeout, got } => write!(
+                f,
+                "a frame stalled: {got} bytes of it arrived and the rest did not within {} s \
+                 (the server's --frame-timeout)",
+                timeout.as_secs_f64()
+            ),
             Error::Io(e) => write!(f, "i/o error: {e}"),
         }
     }

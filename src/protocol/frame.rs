@@ -13,6 +13,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -241,6 +242,8 @@ pub struct FrameReader<R> {
     max_frame: u32,
     /// Whether a checked length may be allocated in one piece (see [`FrameReader::set_max_frame`]).
     trusted: bool,
+    /// See [`FrameReader::set_frame_timeout`].
+    frame_timeout: Option<Duration>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -249,6 +252,7 @@ impl<R: Read> FrameReader<R> {
             inner,
             max_frame,
             trusted: false,
+            frame_timeout: None,
         }
     }
 
@@ -277,6 +281,14 @@ impl<R: Read> FrameReader<R> {
         self.trusted = true;
     }
 
+    /// Once a frame's first byte has arrived, the rest must arrive within
+    /// `timeout` ([`Error::Stalled`] otherwise); waiting between frames has no
+    /// limit. The stream must time its reads out (e.g. `set_read_timeout` with
+    /// at most `timeout`): a read that times out between frames is retried.
+    pub fn set_frame_timeout(&mut self, timeout: Duration) {
+        self.frame_timeout = Some(timeout);
+    }
+
     /// Whether payloads are allocated in one piece (after [`FrameReader::set_max_frame`]).
     pub fn is_trusted(&self) -> bool {
         self.trusted
@@ -286,10 +298,22 @@ impl<R: Read> FrameReader<R> {
     /// [`Error::ConnectionClosed`]; an end inside one is [`Error::Truncated`].
     pub fn read_frame(&mut self) -> Result<Frame> {
         let mut head = [0u8; HEADER_SIZE];
-        let got = read_full(&mut self.inner, &mut head[..LENGTH_SIZE])?;
-        if got == 0 {
-            return Err(Error::ConnectionClosed);
-        }
+        let first = loop {
+            match self.inner.read(&mut head[..LENGTH_SIZE]) {
+                Ok(0) => return Err(Error::ConnectionClosed),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Idle between frames: no limit.
+                Err(e) if self.frame_timeout.is_some() && is_timeout(&e) => {}
+                Err(e) => return Err(Error::Io(e)),
+            }
+        };
+        let mut clock = self.frame_timeout.map(|t| FrameClock {
+            timeout: t,
+            deadline: Instant::now() + t,
+            got: first,
+        });
+        let got = first + read_full(&mut self.inner, &mut head[first..LENGTH_SIZE], &mut clock)?;
         if got < LENGTH_SIZE {
             return Err(Error::Truncated {
                 needed: HEADER_SIZE,
@@ -299,7 +323,7 @@ impl<R: Read> FrameReader<R> {
         // Judge the length prefix before waiting for anything else, so an
         // oversized or nonsensical prefix is refused even if no more bytes come.
         Header::parse(&head[..LENGTH_SIZE], self.max_frame)?;
-        let got = LENGTH_SIZE + read_full(&mut self.inner, &mut head[LENGTH_SIZE..])?;
+        let got = LENGTH_SIZE + read_full(&mut self.inner, &mut head[LENGTH_SIZE..], &mut clock)?;
         let header = match Header::parse(&head[..got], self.max_frame)? {
             Some(h) => h,
             None => {
@@ -317,7 +341,7 @@ impl<R: Read> FrameReader<R> {
             // into it or the frame is an error), instead of a Vec doubled and
             // copied ~log2(n) times.
             let mut payload = super::buffer::for_writing(len);
-            let got = read_full(&mut self.inner, &mut payload)?;
+            let got = read_full(&mut self.inner, &mut payload, &mut clock)?;
             (payload, got)
         } else {
             // Before authentication, grow with the data actually received
@@ -339,14 +363,53 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize> {
+/// The time a begun frame has left (see [`FrameReader::set_frame_timeout`]).
+struct FrameClock {
+    timeout: Duration,
+    deadline: Instant,
+    /// Bytes of the frame read so far.
+    got: usize,
+}
+
+impl FrameClock {
+    fn check(&self) -> Result<()> {
+        if Instant::now() >= self.deadline {
+            return Err(Error::Stalled {
+                timeout: self.timeout,
+                got: self.got,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read. With
+/// a clock, a frame that has not arrived by its deadline is [`Error::Stalled`].
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], clock: &mut Option<FrameClock>) -> Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {
             Ok(0) => break,
-            Ok(n) => filled += n,
+            Ok(n) => {
+                filled += n;
+                if let Some(c) = clock {
+                    c.got += n;
+                    if filled < buf.len() {
+                        c.check()?;
+                    }
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) && clock.is_some() => {
+                clock.as_ref().map_or(Ok(()), FrameClock::check)?;
+            }
             Err(e) => return Err(Error::Io(e)),
         }
     }
@@ -447,6 +510,62 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::io::Cursor;
+
+    /// A reader over one end of a loopback connection whose reads time out
+    /// after 20 ms, with a 150 ms frame timeout; and the other end.
+    fn timed_pair() -> (FrameReader<std::net::TcpStream>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut reader = FrameReader::new(ours, DEFAULT_MAX_FRAME);
+        reader.set_max_frame(DEFAULT_MAX_FRAME);
+        reader.set_frame_timeout(Duration::from_millis(150));
+        (reader, peer)
+    }
+
+    #[test]
+    fn waiting_between_frames_has_no_limit_but_a_begun_frame_has() {
+        let (mut reader, mut peer) = timed_pair();
+        let bytes = Frame::new(Kind::Eval, 3, vec![7u8; 100]).to_bytes();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400)); // idle: many read timeouts
+            peer.write_all(&bytes).unwrap();
+            peer.write_all(&bytes[..20]).unwrap(); // half a frame, then nothing
+            std::thread::sleep(Duration::from_millis(600));
+            peer
+        });
+        let frame = reader.read_frame().unwrap();
+        assert_eq!(
+            (frame.kind, frame.request_id, frame.payload.len()),
+            (Kind::Eval, 3, 100)
+        );
+        let started = Instant::now();
+        match reader.read_frame() {
+            Err(Error::Stalled { got, .. }) => assert_eq!(got, 20),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(500));
+        drop(sender.join().unwrap());
+    }
+
+    #[test]
+    fn a_frame_trickled_in_slower_than_its_timeout_stalls() {
+        let (mut reader, mut peer) = timed_pair();
+        let bytes = Frame::new(Kind::Eval, 3, vec![7u8; 100]).to_bytes();
+        let sender = std::thread::spawn(move || {
+            for b in bytes {
+                if peer.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        assert!(matches!(reader.read_frame(), Err(Error::Stalled { .. })));
+        drop(reader);
+        sender.join().unwrap();
+    }
 
     #[test]
     fn literal_bytes_round_trip() {

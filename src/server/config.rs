@@ -121,6 +121,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
     pub handshake_timeout: Duration,
 
+    /// Seconds the rest of a request frame may take once its first byte has arrived; a
+    /// stalled frame ends its session (ERROR TIMEOUT). Idle sessions are not affected.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_positive_seconds)]
+    pub frame_timeout: Duration,
+
     /// Seconds running atoms get to finish after SIGTERM/SIGINT before they are interrupted.
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
@@ -214,6 +219,18 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// As [`parse_seconds`], but more than zero (at least a millisecond): a
+/// socket read timeout of zero would mean none.
+fn parse_positive_seconds(s: &str) -> Result<Duration, String> {
+    let d = parse_seconds(s)?;
+    if d < Duration::from_millis(1) {
+        return Err(format!(
+            "`{s}` is not a number of seconds of at least 0.001"
+        ));
+    }
+    Ok(d)
+}
+
 /// `200M`, `2G`, `1048576`: bytes, with an optional binary K/M/G/T suffix.
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -280,6 +297,7 @@ pub struct Limits {
     pub default_timeout: Option<Duration>,
     pub attach_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -295,6 +313,7 @@ impl Default for Limits {
             default_timeout: None,
             attach_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -394,6 +413,7 @@ impl Cli {
             default_timeout: self.default_timeout.filter(|d| !d.is_zero()),
             attach_timeout: self.attach_timeout,
             handshake_timeout: self.handshake_timeout,
+            frame_timeout: self.frame_timeout,
             shutdown_grace: self.shutdown_grace,
         };
         let engine = EngineConfig {
@@ -545,6 +565,14 @@ mod tests {
         assert_eq!(c.engine.default_timeout, Some(Duration::from_secs(3)));
         assert_eq!(c.engine.preload, ["json", "re", "os"]);
         assert!(parse(&["--attach-timeout", "-1"]).is_err());
+        assert!(parse(&["--frame-timeout", "0"]).is_err());
+        assert_eq!(
+            parse(&["--frame-timeout", "0.5"])
+                .unwrap()
+                .limits
+                .frame_timeout,
+            Duration::from_millis(500)
+        );
         assert!(parse(&["--max-frame", "10"]).is_err());
     }
 }

@@ -867,8 +867,10 @@ pub fn run_main(
             shared.wire_limits(),
         );
         let sent = writer.write_frame(&welcome).and_then(|()| writer.flush());
+        // Reads time out so that a frame that stalls half-way is noticed
+        // (`FrameReader::set_frame_timeout`); waiting between frames has no limit.
         let timeouts = stream
-            .set_read_timeout(None)
+            .set_read_timeout(Some(shared.limits.frame_timeout))
             .and_then(|()| stream.set_write_timeout(None));
         match (sent, timeouts) {
             (Ok(()), Ok(())) => {
@@ -891,6 +893,7 @@ pub fn run_main(
                     )));
                 }
                 reader.set_max_frame(shared.limits.max_frame);
+                reader.set_frame_timeout(shared.limits.frame_timeout);
                 read_requests(&session, &mut reader);
             }
             (Err(e), _) => session.end(EndReason::StreamError(format!("writing WELCOME: {e}"))),
@@ -907,6 +910,9 @@ fn read_requests(session: &Session, reader: &mut Reader) {
         let mut frame = match reader.read_frame() {
             Ok(f) => f,
             Err(e) if e.is_disconnect() => return session.end(EndReason::MainStreamClosed),
+            Err(e @ protocol::Error::Stalled { .. }) => {
+                return protocol_error(session, ErrorCode::Timeout, e.to_string())
+            }
             Err(protocol::Error::Io(e)) => {
                 return session.end(EndReason::StreamError(format!("reading main-stream: {e}")))
             }
