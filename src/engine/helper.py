@@ -399,7 +399,12 @@ def _immutable(value, depth=3):
 def _function_parts(fn):
     """What a copy of `fn` is made from, when every part of it is immutable (a
     copy then behaves exactly as a fresh unpickle of the same bytes), else None."""
-    if type(fn) is not _FunctionType or fn.__dict__ or fn.__annotations__:
+    if type(fn) is not _FunctionType or fn.__dict__:
+        return None
+    try:
+        if fn.__annotations__:  # evaluated on access from 3.14 on, and may raise
+            return None
+    except Exception:
         return None
     if getattr(fn, "__type_params__", ()):
         return None
@@ -426,6 +431,8 @@ def _function_parts(fn):
                 return None
             cells.append(value)
         cells = tuple(cells)
+    if kwdefaults is not None:
+        kwdefaults = dict(kwdefaults)  # not the dict this (first) call's function holds
     return (fn.__code__, dict(g), fn.__name__, defaults, kwdefaults, cells,
             fn.__qualname__, fn.__module__, fn.__doc__)
 
