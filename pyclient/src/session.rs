@@ -325,14 +325,7 @@ fn read_handshake_frame(
     let frame = FrameReader::new(stream, DEFAULT_MAX_FRAME)
         .read_frame()
         .map_err(|e| match e {
-            pyproxy::protocol::Error::Io(ref io)
-                if matches!(
-                    io.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                timed_out()
-            }
+            e if e.is_timeout() => timed_out(),
             e if e.is_disconnect() || matches!(e, pyproxy::protocol::Error::Truncated { .. }) => {
                 ClientError::ConnectFailed {
                     address: address.to_string(),

@@ -44,6 +44,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when a socket timeout passed (`set_read_timeout`/`set_write_timeout`).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Io(e) if timed_out(e))
+    }
+
     /// True when the peer just went away (a client leaving, not a fault).
     pub fn is_disconnect(&self) -> bool {
         match self {
@@ -128,3 +133,12 @@ impl From<io::Error> for Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Whether an I/O error is a socket timeout passing (Linux reports it as
+/// `WouldBlock`, other systems as `TimedOut`).
+pub(crate) fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}

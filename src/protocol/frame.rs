@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use byteorder::{BigEndian, ByteOrder};
 
 use super::buffer::Buffer;
-use super::error::{Error, Result};
+use super::error::{timed_out, Error, Result};
 
 /// Bytes of the length prefix.
 pub const LENGTH_SIZE: usize = 4;
@@ -304,7 +304,7 @@ impl<R: Read> FrameReader<R> {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Idle between frames: no limit.
-                Err(e) if self.frame_timeout.is_some() && is_timeout(&e) => {}
+                Err(e) if self.frame_timeout.is_some() && timed_out(&e) => {}
                 Err(e) => return Err(Error::Io(e)),
             }
         };
@@ -383,13 +383,6 @@ impl FrameClock {
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
 /// Reads until `buf` is full or the stream ends; returns the bytes read. With
 /// a clock, a frame that has not arrived by its deadline is [`Error::Stalled`].
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8], clock: &mut Option<FrameClock>) -> Result<usize> {
@@ -407,9 +400,10 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], clock: &mut Option<FrameClock>)
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) && clock.is_some() => {
-                clock.as_ref().map_or(Ok(()), FrameClock::check)?;
-            }
+            Err(e) if timed_out(&e) => match clock {
+                Some(c) => c.check()?,
+                None => return Err(Error::Io(e)),
+            },
             Err(e) => return Err(Error::Io(e)),
         }
     }

@@ -366,12 +366,7 @@ fn handle_connection(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, 
         Err(HandshakeError::Refused(r)) => {
             warn!(log, "connection refused"; "code" => ?r.code, "reason" => &r.message);
         }
-        Err(HandshakeError::Io(protocol::Error::Io(e)))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(HandshakeError::Io(e)) if e.is_timeout() => {
             info!(log, "handshake deadline passed; closing the connection";
                 "handshake_timeout_s" => shared.limits.handshake_timeout.as_secs_f64());
             let frame = Message::Error(ErrorMsg {
