@@ -323,7 +323,7 @@ fn teardown(shared: &Shared, cause: Cause, main: &TcpStream, out: &TcpStream) {
             st.complete(atom, Completion::Closed(message.clone()));
         }
     }
-    shared.changed.notify_all();
+    shared.announce();
     shared.trace("closing read sides");
     let _ = main.shutdown(Shutdown::Read);
     let _ = out.shutdown(Shutdown::Read);
@@ -458,7 +458,7 @@ fn run(
                 }
                 stop
             };
-            shared.changed.notify_all();
+            shared.announce();
             if let Some(cause) = stop {
                 return cause;
             }

@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub max_line: usize,
     /// Timeout applied to atoms that carry none.
     pub default_timeout: Option<Duration>,
+    /// How long an executor that ran out of atoms keeps polling the run queue
+    /// before it sleeps (one executor at a time; zero: it sleeps at once).
+    pub idle_spin: Duration,
 }
 
 /// One atom to run, as decoded from an `EVAL` frame.

@@ -101,6 +101,8 @@ pub(crate) struct Shared {
     busy_cv: Condvar,
     sessions: Mutex<HashMap<u64, Weak<SessionCore>>>,
     serial: AtomicU64,
+    /// An idle executor is polling the run queue (at most one does).
+    pub(crate) polling: AtomicBool,
 }
 
 impl Shared {
@@ -297,6 +299,7 @@ impl Engine {
             busy_cv: Condvar::new(),
             sessions: Mutex::new(HashMap::new()),
             serial: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
         });
 
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {

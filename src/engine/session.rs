@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::Receiver;
+use crossbeam::channel::{Receiver, TryRecvError};
 use slog::{debug, info, warn, Logger};
 
 use super::interp::{Interp, RawOutcome};
@@ -290,7 +290,7 @@ impl Drop for EngineSession {
 /// One executor thread: its index (for per-interpreter thread states) and pump.
 pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>, pump: Pump) {
     let anchor = Anchor::new();
-    while let Ok(Job::Run(core)) = rx.recv() {
+    while let Some(Job::Run(core)) = next_job(&shared, &rx) {
         let slice = Instant::now();
         while run_next(index, &shared, &core, &pump, &anchor) {
             // More atoms wait. Keep the session while no other session waits
@@ -302,6 +302,31 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
         }
     }
     drop(pump);
+}
+
+/// The next job from the run queue. One idle executor at a time polls the
+/// queue for up to `idle_spin` before it sleeps: a client that sends its next
+/// atom right after a result finds an executor awake, which saves a thread
+/// wake-up (25–30 µs on a VM) per round trip. It yields between polls, so a
+/// thread with work on this core runs at once.
+fn next_job(shared: &Shared, rx: &Receiver<Job>) -> Option<Job> {
+    let spin = shared.config.idle_spin;
+    if !spin.is_zero() && !shared.polling.swap(true, Ordering::AcqRel) {
+        let start = Instant::now();
+        let polled = loop {
+            match rx.try_recv() {
+                Ok(job) => break Some(Some(job)),
+                Err(TryRecvError::Disconnected) => break Some(None),
+                Err(TryRecvError::Empty) if start.elapsed() >= spin => break None,
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+            }
+        };
+        shared.polling.store(false, Ordering::Release);
+        if let Some(job) = polled {
+            return job;
+        }
+    }
+    rx.recv().ok()
 }
 
 /// Runs the session's next atom; returns true if the session stays scheduled

@@ -93,6 +93,13 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", env = "VIRTUAL_ENV")]
     pub python_env: Option<PathBuf>,
 
+    /// Microseconds an executor that ran out of atoms keeps polling for the next one
+    /// before it sleeps (one executor at a time; 0: sleep at once). It saves a thread
+    /// wake-up per round trip for a client that sends its next atom soon after a result,
+    /// at the cost of at most this much CPU after each burst of atoms.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub idle_spin: u64,
+
     /// Modules imported into every interpreter in advance (repeat or comma-separate).
     #[arg(long, value_name = "MODULE", value_delimiter = ',')]
     pub preload: Vec<String>,
@@ -429,6 +436,7 @@ impl Cli {
                 .collect(),
             max_line: self.max_line as usize,
             default_timeout: limits.default_timeout,
+            idle_spin: Duration::from_micros(self.idle_spin),
         };
         let fork = ForkConfig {
             python_env: engine.python_env.clone(),
@@ -574,5 +582,15 @@ mod tests {
             Duration::from_millis(500)
         );
         assert!(parse(&["--max-frame", "10"]).is_err());
+        assert_eq!(
+            parse(&[]).unwrap().engine.idle_spin,
+            Duration::from_micros(100)
+        );
+        assert!(parse(&["--idle-spin", "0"])
+            .unwrap()
+            .engine
+            .idle_spin
+            .is_zero());
+        assert!(parse(&["--idle-spin", "100001"]).is_err());
     }
 }

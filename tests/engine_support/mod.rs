@@ -143,6 +143,7 @@ pub fn config() -> EngineConfig {
         preload: vec![],
         max_line: 64 * 1024,
         default_timeout: None,
+        idle_spin: std::time::Duration::from_micros(100),
     }
 }
 
