@@ -114,6 +114,7 @@ impl Interruption {
 }
 
 mod error;
+mod huge_alloc;
 mod interp;
 pub(crate) mod output;
 pub(crate) mod python;
