@@ -158,8 +158,10 @@ pub fn for_writing(len: usize) -> Vec<u8> {
     v
 }
 
-/// `madvise(MADV_FREE)` on the whole pages of `[ptr, ptr + len)`.
-fn advise_free(ptr: *const u8, len: usize) {
+/// `madvise(MADV_FREE)` on the whole pages of `[ptr, ptr + len)`: the kernel
+/// may take them back under memory pressure, and a later write then faults in
+/// zeroed ones; until then they keep their contents.
+pub fn advise_free(ptr: *const u8, len: usize) {
     let page = 4096;
     let start = (ptr as usize).next_multiple_of(page);
     let end = (ptr as usize + len) / page * page;
