@@ -139,3 +139,21 @@ def test_debug_traces_teardown_steps(start_server):
     steps = [line for line in log.splitlines() if "teardown" in line]
     assert len(steps) == 5, steps
     assert server.stop() == 0
+
+
+def test_log_level_debug_writes_debug_records_and_info_does_not(start_server):
+    # slog compiles debug records out of release builds unless told otherwise;
+    # --log-level debug must still show them.
+    def records(server, wanted: str) -> str:
+        s = wire.open_session(server.host, server.port, server.token)
+        s.close()
+        deadline = time.monotonic() + 5
+        while wanted not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return server.log_text()
+
+    debug = start_server(log_level="debug")
+    assert "interpreter created" in records(debug, "interpreter created")
+    info = start_server()
+    log = records(info, "session ended")
+    assert "session ended" in log and "interpreter created" not in log
