@@ -112,3 +112,29 @@ def test_a_sessions_python_threads_never_write_into_another_sessions_atoms(start
     finally:
         a.close()
     assert "it keeps that interpreter to itself" in server.log_text()
+
+
+def test_every_kind_of_change_to_a_module_is_undone_for_the_next_session(start_server):
+    # reset() restores only the module dicts CPython reported as changed (dict
+    # watchers, src/engine/dict_watch.rs): each way of changing one must be seen.
+    server = start_server(executors=1, warm_pool=1)
+    check_and_change = (
+        "import json, builtins, re, sys\n"
+        "seen = (json.dumps.__name__, hasattr(json, 'loads'), hasattr(json, 'added'),\n"
+        "        'JSONDecoder' in vars(json), len is builtins.__dict__['len'], len('ab'),\n"
+        "        re.compile.__name__, hasattr(sys, 'extra'))\n"
+        "json.dumps = print\n"                       # replaced
+        "del json.loads\n"                           # deleted
+        "vars(json).update(added=1)\n"               # added in bulk
+        "vars(json).pop('JSONDecoder')\n"            # popped
+        "builtins.len = lambda x: -1\n"              # a builtin replaced
+        "vars(re).clear()\n"                         # a whole module emptied
+        "sys.extra = 1\n"
+        "seen"
+    )
+    original = ("dumps", True, False, True, True, 2, "compile", False)
+    for _ in range(6):
+        with PyProxySession(server.address, token=server.token).connect() as s:
+            assert s.eval(check_and_change).wait(30) == original
+    interps = set(re.findall(r"atom start.*?interp: (\d+)", server.log_text()))
+    assert len(interps) < 6, "no interpreter was reused, so nothing was checked"

@@ -245,6 +245,7 @@ impl Interp {
             self.helper_reset = get("reset")?;
             let setup = get("setup")?;
             let setup = PyRef::new(setup).expect("non-null");
+            super::dict_watch::install(dict)?;
             let wd = match workdir {
                 Some(w) => {
                     let c = CString::new(w).map_err(|_| "workdir has NUL".to_owned())?;

@@ -113,6 +113,7 @@ impl Interruption {
     }
 }
 
+mod dict_watch;
 mod error;
 mod huge_alloc;
 mod interp;
