@@ -119,10 +119,10 @@ def test_every_kind_of_change_to_a_module_is_undone_for_the_next_session(start_s
     # watchers, src/engine/dict_watch.rs): each way of changing one must be seen.
     server = start_server(executors=1, warm_pool=1)
     check_and_change = (
-        "import json, builtins, re, sys\n"
+        "import json, builtins, re, sys, os\n"
         "seen = (json.dumps.__name__, hasattr(json, 'loads'), hasattr(json, 'added'),\n"
         "        'JSONDecoder' in vars(json), len is builtins.__dict__['len'], len('ab'),\n"
-        "        re.compile.__name__, hasattr(sys, 'extra'))\n"
+        "        re.compile.__name__, hasattr(sys, 'extra'), 'PYPROXY_LEAK' in os.environ)\n"
         "json.dumps = print\n"                       # replaced
         "del json.loads\n"                           # deleted
         "vars(json).update(added=1)\n"               # added in bulk
@@ -130,9 +130,10 @@ def test_every_kind_of_change_to_a_module_is_undone_for_the_next_session(start_s
         "builtins.len = lambda x: -1\n"              # a builtin replaced
         "vars(re).clear()\n"                         # a whole module emptied
         "sys.extra = 1\n"
+        "os.environ['PYPROXY_LEAK'] = '1'\n"
         "seen"
     )
-    original = ("dumps", True, False, True, True, 2, "compile", False)
+    original = ("dumps", True, False, True, True, 2, "compile", False, False)
     for _ in range(6):
         with PyProxySession(server.address, token=server.token).connect() as s:
             assert s.eval(check_and_change).wait(30) == original

@@ -219,6 +219,9 @@ def _take_snapshot(environ):
         "warnings_filters": list(_warnings.filters),
         "dispatch_table": dict(_copyreg.dispatch_table),
         "environ": dict(environ),
+        # os.environ's own bytes dict (a CPython detail; None elsewhere): equal
+        # to it means os.environ is unchanged, checked without decoding it.
+        "environ_data": _environ_data(),
         "recursionlimit": _sys.getrecursionlimit(),
         "switchinterval": _sys.getswitchinterval(),
         "int_max_str_digits": _sys.get_int_max_str_digits(),
@@ -234,7 +237,14 @@ def _monitoring_tools():
     return {i: mon.get_tool(i) for i in range(6)}
 
 
-def _restore_environ(env):
+def _environ_data():
+    data = getattr(_os.environ, "_data", None)
+    return dict(data) if type(data) is dict else None
+
+
+def _restore_environ(env, data=None):
+    if data is not None and getattr(_os.environ, "_data", None) == data:
+        return
     if dict(_os.environ) != env:
         for k in [k for k in _os.environ if k not in env]:
             del _os.environ[k]
@@ -700,7 +710,7 @@ def reset():
     _linecache.clearcache()
     _FUNCTION_CACHE.clear()
 
-    _restore_environ(s["environ"])
+    _restore_environ(s["environ"], s["environ_data"])
     if _workdir is not None and _os.getcwd() != _workdir:
         _os.chdir(_workdir)
 
