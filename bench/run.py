@@ -50,6 +50,7 @@ PEERS = ["pyproxy", "pyproxy_fork", "floor", "processpool", "rpyc", "execnet", "
 # PyProxy itself, on either backend: not peers, so never in a peer comparison.
 OURS = ("pyproxy", "pyproxy_fork", "floor")
 WORKLOADS = ["w1", "w2", "w3", "w4", "w5", "w6", "w7"]
+FLOOR_BW_REPS = 30
 LINE_PAD = "x" * 46  # "line 00000000 " + 46 = 60 characters, 61 bytes with "\n"
 MIB = 1 << 20
 
@@ -221,10 +222,13 @@ def run_floor(cfg, out: dict) -> dict:
     """The raw Rust loopback floors (W1, W4) and the local print floor (W3)."""
     rtt = json.loads(subprocess.check_output([str(PINGPONG), "rtt", "--iters", str(cfg.w1_iters * 5)]))
     out["w1"] = {"p50_us": rtt["p50_us"], "p99_us": rtt["p99_us"], "n": rtt["iters"]}
+    # The best of many repetitions: on a shared VM this floor moves between 1.4 and
+    # 5 GB/s from one run to the next, and noise only ever slows it, so its best
+    # is the machine's loopback bandwidth and ratios against it are conservative.
     bw = json.loads(
-        subprocess.check_output([str(PINGPONG), "bw", "--bytes", str(cfg.w4_mib * MIB), "--reps", str(cfg.w4_max_reps)])
+        subprocess.check_output([str(PINGPONG), "bw", "--bytes", str(cfg.w4_mib * MIB), "--reps", str(FLOOR_BW_REPS)])
     )
-    out["w4"] = {"in_mb_s": bw["median_mb_s"], "out_mb_s": bw["median_mb_s"], "n": bw["reps"]}
+    out["w4"] = {"in_mb_s": bw["best_mb_s"], "out_mb_s": bw["best_mb_s"], "n": bw["reps"]}
     n = cfg.w3_lines
     src = (
         "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\npad='x'*46\n"
@@ -1140,7 +1144,7 @@ def render(res: dict, meta: dict) -> str:
         f"- Python {meta['python']}; git commit {meta['commit']}; command: `{meta['command']}`",
         f"- medians of {meta['reps_note']}; ratios in parentheses are PyProxy's advantage over that peer "
         "(peer time / PyProxy time, or PyProxy rate / peer rate): above 1 PyProxy is ahead.",
-        "- floor: W1 and W4 are the raw Rust loopback ping-pong and bandwidth (bench/src/bin/pingpong.rs); "
+        "- floor: W1 and W4 are the raw Rust loopback ping-pong (median) and bandwidth (best of 30; bench/src/bin/pingpong.rs); "
         "W3 is the same print loop run by a plain local Python into a pipe.",
         "",
         *lines,
