@@ -801,8 +801,8 @@ impl Session {
         self.flush();
         let now = Instant::now();
         let deadline = timeout.map(|t| now + t);
-        // One spin budget per call, however many other changes (output lines) come first.
         let poll_until = deadline.map_or(now + wait_spin(), |d| d.min(now + wait_spin()));
+        let mut polled = false;
         let mut st = self.shared.lock();
         loop {
             match st.atoms.get(&atom) {
@@ -818,11 +818,14 @@ impl Session {
                     }
                 }
             }
-            let seen = self.shared.changes.load(Ordering::Acquire);
-            drop(st);
-            poll_for_change(&POLLING, &self.shared.changes, seen, poll_until);
-            st = self.shared.lock();
-            if self.shared.changes.load(Ordering::Acquire) != seen {
+            if !polled {
+                // Once per call, then the state is checked again under the lock
+                // before sleeping, so a change made meanwhile is never missed.
+                polled = true;
+                let seen = self.shared.changes.load(Ordering::Acquire);
+                drop(st);
+                poll_for_change(&POLLING, &self.shared.changes, seen, poll_until);
+                st = self.shared.lock();
                 continue;
             }
             st = match self.wait_changed(st, deadline) {

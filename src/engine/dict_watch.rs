@@ -21,7 +21,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::ffi;
 
-use super::python::PyRef;
+use super::python::{take_error, MethodDef, PyRef};
 
 /// `PyDict_WatchEvent`'s `PyDict_EVENT_DEALLOCATED` (3.12 and 3.13).
 const EVENT_DEALLOCATED: c_int = 5;
@@ -60,10 +60,6 @@ unsafe extern "C" fn on_change(
     0
 }
 
-struct MethodDef(UnsafeCell<ffi::PyMethodDef>);
-// SAFETY: CPython only reads the definitions; they are never written.
-unsafe impl Sync for MethodDef {}
-
 static WATCH_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
     ml_name: c"watch_dicts".as_ptr(),
     ml_meth: ffi::PyMethodDefPointer {
@@ -82,6 +78,17 @@ static CHANGED_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
     ml_doc: c"changed_dicts(dicts): indices of those changed since the last call".as_ptr(),
 }));
 
+/// False, with a TypeError set, unless `obj` is a list.
+unsafe fn is_list(obj: *mut ffi::PyObject) -> bool {
+    unsafe {
+        if ffi::PyList_Check(obj) == 0 {
+            ffi::PyErr_SetString(ffi::PyExc_TypeError, c"a list of dicts".as_ptr());
+            return false;
+        }
+        true
+    }
+}
+
 /// `watch_dicts(list)`: registers the callback in this interpreter (watcher
 /// ids are per interpreter; call it once) and watches every dict of the list.
 unsafe extern "C" fn watch_dicts(
@@ -89,8 +96,7 @@ unsafe extern "C" fn watch_dicts(
     list: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     unsafe {
-        if ffi::PyList_Check(list) == 0 {
-            ffi::PyErr_SetString(ffi::PyExc_TypeError, c"a list of dicts".as_ptr());
+        if !is_list(list) {
             return ptr::null_mut();
         }
         let id = PyDict_AddWatcher(on_change);
@@ -115,8 +121,7 @@ unsafe extern "C" fn changed_dicts(
     list: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     unsafe {
-        if ffi::PyList_Check(list) == 0 {
-            ffi::PyErr_SetString(ffi::PyExc_TypeError, c"a list of dicts".as_ptr());
+        if !is_list(list) {
             return ptr::null_mut();
         }
         let mut found = Vec::new();
@@ -155,9 +160,9 @@ pub(crate) unsafe fn install(helper_dict: *mut ffi::PyObject) -> Result<(), Stri
             (c"_changed_dicts", &CHANGED_DEF),
         ] {
             let f = PyRef::new(ffi::PyCFunction_New(def.0.get(), ptr::null_mut()))
-                .ok_or_else(|| super::python::take_error())?;
+                .ok_or_else(|| take_error())?;
             if ffi::PyDict_SetItemString(helper_dict, name.as_ptr(), f.as_ptr()) < 0 {
-                return Err(super::python::take_error());
+                return Err(take_error());
             }
         }
         Ok(())

@@ -78,7 +78,8 @@ struct Taker {
 
 const TAKER_NAME: &CStr = c"pyproxy.buffers";
 
-struct MethodDef(UnsafeCell<ffi::PyMethodDef>);
+/// A method definition in a `static`, for `PyCFunction_New`.
+pub(crate) struct MethodDef(pub(crate) UnsafeCell<ffi::PyMethodDef>);
 // SAFETY: CPython only reads the definition; it is never written.
 unsafe impl Sync for MethodDef {}
 
