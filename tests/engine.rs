@@ -260,6 +260,28 @@ fn fifty_sessions_in_parallel_each_get_only_their_own_output() {
 }
 
 #[test]
+fn round_trips_paced_around_the_idle_spin_never_lose_an_atom() {
+    // Pauses from 0 to ~150 µs around the 100 µs idle spin (config()) hit every
+    // window of the hand-off to a polling executor (Shared::schedule): handed
+    // over, taken from the run queue while another is handed over, handed over
+    // just as polling ends. A lost session would leave its atom without a result.
+    let handles: Vec<_> = (0..6u64)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut s = session();
+                for i in 0..300u64 {
+                    std::thread::sleep(Duration::from_micros((i * 37 + k * 11) % 150));
+                    assert_eq!(s.run_str(&format!("str({i} + {k})")), (i + k).to_string());
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
 fn atoms_of_a_session_run_in_order() {
     let mut s = session();
     for i in 1..=200u64 {

@@ -101,11 +101,56 @@ pub(crate) struct Shared {
     busy_cv: Condvar,
     sessions: Mutex<HashMap<u64, Weak<SessionCore>>>,
     serial: AtomicU64,
-    /// An idle executor is polling the run queue (at most one does).
-    pub(crate) polling: AtomicBool,
+    /// The idle executor that polls for work, if any, and a job handed to it.
+    handoff: Mutex<Handoff>,
+}
+
+/// At most one idle executor polls for work (`--idle-spin`); while it does, a
+/// newly scheduled session is handed to it here instead of going through the
+/// run queue, whose `send` would also wake a sleeping executor to race it.
+#[derive(Default)]
+struct Handoff {
+    polling: bool,
+    job: Option<Job>,
 }
 
 impl Shared {
+    /// Gives a session to an executor: to the polling one if there is one,
+    /// else through the run queue.
+    pub(crate) fn schedule(&self, job: Job) {
+        {
+            let mut h = lock(&self.handoff);
+            if h.polling && h.job.is_none() {
+                h.job = Some(job);
+                return;
+            }
+        }
+        let _ = self.runq_tx.send(job);
+    }
+
+    /// Makes the caller the polling executor; false if another one polls.
+    pub(crate) fn start_polling(&self) -> bool {
+        let mut h = lock(&self.handoff);
+        !std::mem::replace(&mut h.polling, true)
+    }
+
+    /// The job handed to the polling executor, if any; taking one ends polling.
+    pub(crate) fn handed_over(&self) -> Option<Job> {
+        let mut h = lock(&self.handoff);
+        let job = h.job.take();
+        if job.is_some() {
+            h.polling = false;
+        }
+        job
+    }
+
+    /// Ends polling; returns a job handed over in the meantime.
+    pub(crate) fn stop_polling(&self) -> Option<Job> {
+        let mut h = lock(&self.handoff);
+        h.polling = false;
+        h.job.take()
+    }
+
     pub(crate) fn next_serial(&self) -> u64 {
         self.serial.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -299,7 +344,7 @@ impl Engine {
             busy_cv: Condvar::new(),
             sessions: Mutex::new(HashMap::new()),
             serial: AtomicU64::new(0),
-            polling: AtomicBool::new(false),
+            handoff: Mutex::new(Handoff::default()),
         });
 
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {

@@ -170,7 +170,7 @@ impl SessionCore {
         });
         if !st.scheduled {
             st.scheduled = true;
-            let _ = self.shared.runq_tx.send(Job::Run(self.clone()));
+            self.shared.schedule(Job::Run(self.clone()));
         }
         drop(st);
         // Shutdown may have drained the run queue between our check and send.
@@ -296,7 +296,7 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
             // More atoms wait. Keep the session while no other session waits
             // for an executor, and for at most a slice when one does.
             if !shared.runq_tx.is_empty() && slice.elapsed() >= SLICE {
-                let _ = shared.runq_tx.send(Job::Run(core.clone()));
+                shared.schedule(Job::Run(core.clone()));
                 break;
             }
         }
@@ -304,26 +304,36 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
     drop(pump);
 }
 
-/// The next job from the run queue. One idle executor at a time polls the
-/// queue for up to `idle_spin` before it sleeps: a client that sends its next
-/// atom right after a result finds an executor awake, which saves a thread
-/// wake-up (25–30 µs on a VM) per round trip. It yields between polls, so a
-/// thread with work on this core runs at once.
+/// The next job. One idle executor at a time polls for up to `idle_spin`
+/// before it sleeps on the run queue: a client that sends its next atom right
+/// after a result then finds an executor awake, handed the session directly
+/// ([`Shared::schedule`]), which saves a thread wake-up (25–30 µs on a VM)
+/// per round trip. It yields between polls, so a thread with work on this
+/// core runs at once.
 fn next_job(shared: &Shared, rx: &Receiver<Job>) -> Option<Job> {
     let spin = shared.config.idle_spin;
-    if !spin.is_zero() && !shared.polling.swap(true, Ordering::AcqRel) {
+    if !spin.is_zero() && shared.start_polling() {
         let start = Instant::now();
-        let polled = loop {
+        loop {
+            if let Some(job) = shared.handed_over() {
+                return Some(job);
+            }
             match rx.try_recv() {
-                Ok(job) => break Some(Some(job)),
-                Err(TryRecvError::Disconnected) => break Some(None),
-                Err(TryRecvError::Empty) if start.elapsed() >= spin => break None,
+                Ok(job) => {
+                    if let Some(extra) = shared.stop_polling() {
+                        shared.schedule(extra);
+                    }
+                    return Some(job);
+                }
+                Err(TryRecvError::Disconnected) => return shared.stop_polling(),
+                Err(TryRecvError::Empty) if start.elapsed() >= spin => {
+                    if let Some(job) = shared.stop_polling() {
+                        return Some(job);
+                    }
+                    break;
+                }
                 Err(TryRecvError::Empty) => std::thread::yield_now(),
             }
-        };
-        shared.polling.store(false, Ordering::Release);
-        if let Some(job) = polled {
-            return job;
         }
     }
     rx.recv().ok()
