@@ -24,6 +24,12 @@ use super::config::LogFormat;
 /// The key that marks a record as being about a session.
 pub const SESSION_KEY: &str = "session";
 
+/// `LOG` frames queued per session; past this, log records skip the session
+/// (checked before each send, so concurrent senders may pass it by a few).
+/// The queues are unbounded channels so that an idle session holds no slots:
+/// a bounded one preallocated ~48 KiB per session (W7 RSS).
+pub const LOG_QUEUE: usize = 1024;
+
 /// Per-session queues for `LOG` frames, keyed by session id.
 #[derive(Default)]
 pub struct LogRoutes {
@@ -52,7 +58,7 @@ impl LogRoutes {
 
     fn deliver(&self, session: u64, frame: Frame) {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = routes.get(&session) {
+        if let Some(tx) = routes.get(&session).filter(|tx| tx.len() < LOG_QUEUE) {
             let _ = tx.try_send(frame);
         }
     }
@@ -217,5 +223,24 @@ mod tests {
         routes.remove(1);
         info!(log, "after removal");
         assert_eq!(rx.len(), 1);
+    }
+
+    #[test]
+    fn a_session_queue_holds_at_most_log_queue_records() {
+        // Sessions get unbounded channels (no preallocated slots); the bound is ours.
+        let routes = LogRoutes::new();
+        let (tx, rx) = crossbeam::channel::unbounded();
+        routes.add(1, tx);
+        let log = slog::Logger::root(
+            SessionRouter::new(Discard, Arc::clone(&routes)).fuse(),
+            o!("session" => 1u64),
+        );
+        for i in 0..LOG_QUEUE + 100 {
+            info!(log, "record"; "i" => i);
+        }
+        assert_eq!(rx.len(), LOG_QUEUE);
+        rx.recv().unwrap();
+        info!(log, "room for one more");
+        assert_eq!(rx.len(), LOG_QUEUE);
     }
 }

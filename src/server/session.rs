@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{bounded, Receiver, Sender};
+use crossbeam::channel::{bounded, unbounded, Receiver, Sender};
 use crossbeam::select;
 use slog::{debug, info, o, warn, Logger};
 
@@ -48,6 +48,7 @@ use crate::protocol::{
 
 use super::handshake::Challenger;
 use super::listener::Shared;
+use super::logging::LOG_QUEUE;
 use super::registry::{AttachRefused, ConnSlot};
 use super::threads::{GroupHandle, Never, ThreadGroup};
 use super::BackendSession;
@@ -57,8 +58,6 @@ use super::BackendSession;
 pub const OUTPUT_PIECE: usize = 64 * 1024;
 /// RESULT frames queued for the main writer before the engine waits.
 const MAIN_QUEUE: usize = 16;
-/// LOG frames queued per session; past this, log records skip the session.
-const LOG_QUEUE: usize = 1024;
 /// How long teardown lets writers drain what is queued before cutting the sockets.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long teardown waits for the session's threads after cutting the sockets.
@@ -521,7 +520,7 @@ impl Session {
             // Ended: send what was queued before the end, GOODBYE last, then stop.
             let _gate = lock(&line.gate);
             for q in [&out_rx, &log_rx, &goodbye_rx] {
-                for f in q.try_iter().take(q.capacity().unwrap_or(0).max(1)) {
+                for f in q.try_iter().take(q.capacity().unwrap_or(LOG_QUEUE).max(1)) {
                     w.write_frame(&f)?;
                 }
             }
@@ -792,7 +791,7 @@ pub fn run_main(
     let limits = &shared.limits;
     let out_cap = (limits.max_output_buffer / OUTPUT_PIECE).max(2);
     let (out_tx, out_rx) = bounded(out_cap);
-    let (log_tx, log_rx) = bounded(LOG_QUEUE);
+    let (log_tx, log_rx) = unbounded();
     let (goodbye_tx, goodbye_rx) = bounded(2);
     let (main_tx, main_rx) = bounded(MAIN_QUEUE);
     let (ended_tx, ended_rx) = bounded(0);
