@@ -205,9 +205,12 @@ def _take_snapshot(environ):
             dicts.append((d, dict(d)))
     watched = None
     if _watch_dicts is not None:
-        watched = [cur for cur, _ in dicts]
-        _watch_dicts(watched)
-        _changed_dicts(watched)
+        try:
+            watched = [cur for cur, _ in dicts]
+            _watch_dicts(watched)
+            _changed_dicts(watched)
+        except Exception:  # no free dict watcher id (8 per interpreter): compare all
+            watched = None
     _snap = {
         "modules": modules,
         "dicts": dicts,
