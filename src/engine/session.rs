@@ -320,8 +320,11 @@ fn next_job(shared: &Shared, rx: &Receiver<Job>) -> Option<Job> {
             }
             match rx.try_recv() {
                 Ok(job) => {
-                    if let Some(extra) = shared.stop_polling() {
-                        shared.schedule(extra);
+                    if let Some(handed) = shared.stop_polling() {
+                        // Run the session handed over first and put `job` back
+                        // (a Stop at shutdown must not overtake a scheduled session).
+                        let _ = shared.runq_tx.send(job);
+                        return Some(handed);
                     }
                     return Some(job);
                 }
