@@ -78,14 +78,18 @@ static CHANGED_DEF: MethodDef = MethodDef(UnsafeCell::new(ffi::PyMethodDef {
     ml_doc: c"changed_dicts(dicts): indices of those changed since the last call".as_ptr(),
 }));
 
-/// False, with a TypeError set, unless `obj` is a list.
-unsafe fn is_list(obj: *mut ffi::PyObject) -> bool {
+/// The items of `list` (borrowed), or None with a TypeError set.
+unsafe fn list_items(list: *mut ffi::PyObject) -> Option<Vec<*mut ffi::PyObject>> {
     unsafe {
-        if ffi::PyList_Check(obj) == 0 {
+        if ffi::PyList_Check(list) == 0 {
             ffi::PyErr_SetString(ffi::PyExc_TypeError, c"a list of dicts".as_ptr());
-            return false;
+            return None;
         }
-        true
+        Some(
+            (0..ffi::PyList_Size(list))
+                .map(|i| ffi::PyList_GetItem(list, i))
+                .collect(),
+        )
     }
 }
 
@@ -96,18 +100,12 @@ unsafe extern "C" fn watch_dicts(
     list: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     unsafe {
-        if !is_list(list) {
+        let Some(dicts) = list_items(list) else {
             return ptr::null_mut();
-        }
+        };
         let id = PyDict_AddWatcher(on_change);
-        if id < 0 {
+        if id < 0 || dicts.iter().any(|&d| ffi::PyDict_Watch(id, d) < 0) {
             return ptr::null_mut();
-        }
-        for i in 0..ffi::PyList_Size(list) {
-            let d = ffi::PyList_GetItem(list, i);
-            if ffi::PyDict_Watch(id, d) < 0 {
-                return ptr::null_mut();
-            }
         }
         ffi::Py_IncRef(ffi::Py_None());
         ffi::Py_None()
@@ -121,25 +119,20 @@ unsafe extern "C" fn changed_dicts(
     list: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     unsafe {
-        if !is_list(list) {
+        let Some(dicts) = list_items(list) else {
             return ptr::null_mut();
-        }
-        let mut found = Vec::new();
-        {
-            let mut set = changed();
-            if let Some(set) = set.as_mut().filter(|s| !s.is_empty()) {
-                for i in 0..ffi::PyList_Size(list) {
-                    if set.remove(&(ffi::PyList_GetItem(list, i) as usize)) {
-                        found.push(i);
-                    }
-                }
-            }
-        }
+        };
+        let found: Vec<usize> = match changed().as_mut() {
+            Some(set) if !set.is_empty() => (0..dicts.len())
+                .filter(|&i| set.remove(&(dicts[i] as usize)))
+                .collect(),
+            _ => Vec::new(),
+        };
         let Some(out) = PyRef::new(ffi::PyList_New(0)) else {
             return ptr::null_mut();
         };
         for i in found {
-            let Some(n) = PyRef::new(ffi::PyLong_FromSsize_t(i)) else {
+            let Some(n) = PyRef::new(ffi::PyLong_FromSize_t(i)) else {
                 return ptr::null_mut();
             };
             if ffi::PyList_Append(out.as_ptr(), n.as_ptr()) < 0 {

@@ -134,21 +134,15 @@ impl Shared {
         !std::mem::replace(&mut h.polling, true)
     }
 
-    /// The job handed to the polling executor, if any; taking one ends polling.
-    pub(crate) fn handed_over(&self) -> Option<Job> {
+    /// The job handed to the polling executor, if any. Polling ends when one
+    /// is taken, or with `stop`: then nothing can be handed over any more.
+    pub(crate) fn take_handed(&self, stop: bool) -> Option<Job> {
         let mut h = lock(&self.handoff);
         let job = h.job.take();
-        if job.is_some() {
+        if stop || job.is_some() {
             h.polling = false;
         }
         job
-    }
-
-    /// Ends polling; returns a job handed over in the meantime.
-    pub(crate) fn stop_polling(&self) -> Option<Job> {
-        let mut h = lock(&self.handoff);
-        h.polling = false;
-        h.job.take()
     }
 
     pub(crate) fn next_serial(&self) -> u64 {

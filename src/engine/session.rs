@@ -315,25 +315,22 @@ fn next_job(shared: &Shared, rx: &Receiver<Job>) -> Option<Job> {
     if !spin.is_zero() && shared.start_polling() {
         let start = Instant::now();
         loop {
-            if let Some(job) = shared.handed_over() {
+            if let Some(job) = shared.take_handed(false) {
                 return Some(job);
             }
             match rx.try_recv() {
                 Ok(job) => {
-                    if let Some(handed) = shared.stop_polling() {
-                        // Run the session handed over first and put `job` back
-                        // (a Stop at shutdown must not overtake a scheduled session).
-                        let _ = shared.runq_tx.send(job);
-                        return Some(handed);
-                    }
-                    return Some(job);
-                }
-                Err(TryRecvError::Disconnected) => return shared.stop_polling(),
-                Err(TryRecvError::Empty) if start.elapsed() >= spin => {
-                    if let Some(job) = shared.stop_polling() {
+                    let Some(handed) = shared.take_handed(true) else {
                         return Some(job);
-                    }
-                    break;
+                    };
+                    // Run the session handed over first and put `job` back
+                    // (a Stop at shutdown must not overtake a scheduled session).
+                    let _ = shared.runq_tx.send(job);
+                    return Some(handed);
+                }
+                Err(TryRecvError::Disconnected) => return shared.take_handed(true),
+                Err(TryRecvError::Empty) if start.elapsed() >= spin => {
+                    return shared.take_handed(true).or_else(|| rx.recv().ok());
                 }
                 Err(TryRecvError::Empty) => std::thread::yield_now(),
             }
