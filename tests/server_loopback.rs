@@ -55,7 +55,6 @@ impl Backend for FakeEngine {
                     (Some("sleep"), Some(ms)) => thread::sleep(Duration::from_millis(ms)),
                     _ => {}
                 }
-                sink.end_of_output(atom.id);
                 sink.result(
                     atom.id,
                     AtomResult {
@@ -66,6 +65,7 @@ impl Backend for FakeEngine {
                         },
                     },
                 );
+                sink.end_of_output(atom.id);
             }
         });
         Ok(Box::new(FakeSession { tx }))

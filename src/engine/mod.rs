@@ -55,8 +55,13 @@ pub struct AtomRequest {
 
 /// Where a session's atoms deliver what they produce. Implemented by the network
 /// layer; called from engine threads. For each atom, in this order:
-/// any number of `output` calls, then exactly one `end_of_output`, then exactly
-/// one `result`. Atoms of a session are delivered in submission order.
+/// any number of `output` calls, then exactly one `result`, then exactly one
+/// `end_of_output`. Atoms of a session are delivered in submission order.
+///
+/// The result goes first because a caller waiting for the value needs only it:
+/// on the network it is the frame a round trip waits for, and the
+/// end-of-output frame on the other stream would otherwise delay it by a send
+/// (docs/performance.md, "RESULT before END_OF_OUTPUT").
 ///
 /// A call may block (back-pressure from a client that does not read); the
 /// engine tolerates that, and it slows only that session's atoms.

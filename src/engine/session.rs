@@ -143,9 +143,9 @@ impl SessionCore {
     }
 
     fn deliver_failure(&self, atom: u64, origin: FailureOrigin, type_name: &str, message: String) {
-        self.sink.end_of_output(atom);
         self.sink
             .result(atom, AtomResult::failure(origin, type_name, message, 0));
+        self.sink.end_of_output(atom);
     }
 
     fn submit(self: &Arc<Self>, atom: AtomRequest) {
@@ -511,7 +511,6 @@ fn execute(
     let reason = core.lock().running.as_ref().and_then(|r| r.reason);
     let outcome = outcome(req.id, raw, reason);
     let label = outcome.label();
-    core.sink.end_of_output(req.id);
     core.sink.result(
         req.id,
         AtomResult {
@@ -519,6 +518,7 @@ fn execute(
             outcome,
         },
     );
+    core.sink.end_of_output(req.id);
     shared.busy_leave();
     if label == "error" {
         warn!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);

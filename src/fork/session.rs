@@ -8,7 +8,7 @@
 //! arrives, every byte the atom wrote is already in the pipes (the worker
 //! flushed Python's and C's buffers before sending it), so the thread reads
 //! both pipes until `EAGAIN`, hands the rest to the sink, and only then calls
-//! `end_of_output` and `result`.
+//! `result` and then `end_of_output`.
 //!
 //! A worker that dies fails its running atom (origin `WorkerDied`, naming the
 //! exit code or signal the zygote reported) and is replaced by a fresh one for
@@ -312,7 +312,6 @@ impl Runner {
                 }
             }
             for id in skipped {
-                self.sink.end_of_output(id);
                 self.sink.result(
                     id,
                     failure(
@@ -322,6 +321,7 @@ impl Runner {
                         0,
                     ),
                 );
+                self.sink.end_of_output(id);
             }
             if let (Some(reason), Some(r)) = (interrupt, cur.as_mut()) {
                 self.interrupt(r, reason);
@@ -347,7 +347,6 @@ impl Runner {
                 }
                 Err(e) => {
                     warn!(self.log, "no worker for the atom"; "atom" => atom.id, "error" => &e);
-                    self.sink.end_of_output(atom.id);
                     self.sink.result(
                         atom.id,
                         failure(
@@ -357,6 +356,7 @@ impl Runner {
                             0,
                         ),
                     );
+                    self.sink.end_of_output(atom.id);
                     return None;
                 }
             }
@@ -556,17 +556,17 @@ impl Runner {
         );
     }
 
-    /// Drains both pipes, then `end_of_output`, then the result.
+    /// Drains both pipes, then the result, then `end_of_output`.
     fn end_atom(&mut self, r: &Running, result: AtomResult) {
         for i in 0..2 {
             self.read_pipe(i, None, r.id);
             self.split[i].finish();
         }
         self.deliver(r.id);
-        self.sink.end_of_output(r.id);
         let label = result.outcome.label();
         info!(self.log, "atom end"; "atom" => r.id, "duration_us" => result.duration_us, "outcome" => label);
         self.sink.result(r.id, result);
+        self.sink.end_of_output(r.id);
     }
 
     /// The worker broke the control protocol: end it and fail the atom; the

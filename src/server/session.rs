@@ -395,18 +395,18 @@ impl Session {
         true
     }
 
-    /// Answers an accepted atom without running it: END_OF_OUTPUT so the
-    /// client's output iterator ends, then its RESULT in its turn.
+    /// Answers an accepted atom without running it: its RESULT in its turn,
+    /// then END_OF_OUTPUT so the client's output iterator ends.
     fn answer_now(&self, atom: u64, result: AtomResult) {
-        self.push_output(Message::EndOfOutput.to_frame(atom));
         self.complete(atom, Message::Result(result).to_frame(atom));
+        self.push_output(Message::EndOfOutput.to_frame(atom));
     }
 
-    /// Refuses an atom that was not accepted: END_OF_OUTPUT and an ERROR with
-    /// its id, at once (ERRORs are not part of the RESULT order).
+    /// Refuses an atom that was not accepted: an ERROR with its id, at once
+    /// (ERRORs are not part of the RESULT order), and END_OF_OUTPUT.
     fn error_for(&self, atom: u64, code: ErrorCode, message: String) {
-        self.push_output(Message::EndOfOutput.to_frame(atom));
         self.push_main(Message::Error(ErrorMsg { code, message }).to_frame(atom));
+        self.push_output(Message::EndOfOutput.to_frame(atom));
     }
 
     fn trace(&self, step: &str) {

@@ -19,7 +19,7 @@ pub struct Rec {
     pub out: Vec<(u8, Vec<u8>)>,
     pub ended: bool,
     pub result: Option<AtomResult>,
-    /// Broken ordering rules (output after end, result before end, ...).
+    /// Broken ordering rules (output after the result, end before the result, ...).
     pub violations: Vec<String>,
 }
 
@@ -62,7 +62,7 @@ impl SessionSink for Collect {
         let mut g = self.atoms.lock().unwrap();
         let r = g.0.entry(atom).or_default();
         if r.ended || r.result.is_some() {
-            r.violations.push("output after end_of_output".into());
+            r.violations.push("output after the result".into());
         }
         if lines.is_empty() {
             r.violations.push("empty output call".into());
@@ -76,15 +76,19 @@ impl SessionSink for Collect {
         if r.ended {
             r.violations.push("end_of_output twice".into());
         }
+        if r.result.is_none() {
+            r.violations.push("end_of_output before the result".into());
+        }
         r.ended = true;
+        self.cv.notify_all();
     }
 
     fn result(&self, atom: u64, result: AtomResult) {
         let mut g = self.atoms.lock().unwrap();
         g.1.push(atom);
         let r = g.0.entry(atom).or_default();
-        if !r.ended {
-            r.violations.push("result before end_of_output".into());
+        if r.ended {
+            r.violations.push("result after end_of_output".into());
         }
         if r.result.is_some() {
             r.violations.push("result twice".into());
@@ -99,13 +103,13 @@ impl Collect {
         Arc::new(Collect::default())
     }
 
-    /// Waits for `atom`'s result (panics after `timeout`).
+    /// Waits for `atom`'s result and end of output (panics after `timeout`).
     pub fn wait(&self, atom: u64, timeout: Duration) -> Rec {
         let deadline = Instant::now() + timeout;
         let mut g = self.atoms.lock().unwrap();
         loop {
             if let Some(r) = g.0.get(&atom) {
-                if r.result.is_some() {
+                if r.result.is_some() && r.ended {
                     assert!(r.violations.is_empty(), "atom {atom}: {:?}", r.violations);
                     return r.clone();
                 }
