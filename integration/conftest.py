@@ -133,10 +133,22 @@ class Server:
             self._log.close()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # A failing test's report carries the log of every server it started, so a CI
+    # failure shows what the server saw.
+    report = yield
+    if report.failed:
+        for s in getattr(item, "_pyproxy_servers", ()):
+            report.sections.append((f"pyproxy-server {s.address} log ({report.when})", s.log_text()))
+    return report
+
+
 @pytest.fixture
-def start_server(tmp_path):
+def start_server(request, tmp_path):
     """Factory: start_server(token=..., env={...}, **flags) -> Server. Every server is stopped after the test."""
     started: list[Server] = []
+    request.node._pyproxy_servers = started
 
     def start(*, token: str | None = None, env: dict | None = None, **flags) -> Server:
         if not SERVER_BIN.exists():

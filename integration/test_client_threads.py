@@ -166,6 +166,19 @@ def test_server_shutdown_fails_pending_futures_with_the_reason(server):
     s.close()
 
 
+def test_server_shutdown_fails_queued_and_unstarted_atoms_as_session_closed(server):
+    # SIGTERM right behind the sends: whichever step each atom reached (held,
+    # queued, waiting for an interpreter, running), its future fails with
+    # SessionClosed, never a server error, and none is left pending.
+    s = PyProxySession(server.address, token=server.token).connect()
+    fs = [s.eval("while True:\n    pass")] + [s.eval("1") for _ in range(3)]
+    server.signal(signal.SIGTERM)
+    for f in fs:
+        err = f.exception(30)
+        assert isinstance(err, SessionClosed), repr(err)
+    s.close()
+
+
 def test_ctrl_c_interrupts_a_blocking_wait(server):
     # wait() sleeps without the GIL; it must still let KeyboardInterrupt through promptly.
     with PyProxySession(server.address, token=server.token) as s:

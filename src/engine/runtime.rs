@@ -237,8 +237,16 @@ impl Shared {
         lock(&self.sessions).remove(&key);
     }
 
-    pub(crate) fn busy_enter(&self) {
-        *lock(&self.busy) += 1;
+    /// Counts an atom as executing, unless shutdown has begun: then it must not
+    /// start. Checked under the lock that shutdown sets `stopping` under, so an
+    /// atom either is counted before shutdown waits for the count, or never starts.
+    pub(crate) fn try_busy_enter(&self) -> bool {
+        let mut b = lock(&self.busy);
+        if self.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        *b += 1;
+        true
     }
 
     pub(crate) fn busy_leave(&self) {
@@ -457,7 +465,10 @@ impl Engine {
         let shared = &self.shared;
         let log = &shared.log;
         info!(log, "engine shutting down"; "grace_ms" => grace.as_millis() as u64);
-        shared.stopping.store(true, Ordering::Release);
+        {
+            let _busy = lock(&shared.busy);
+            shared.stopping.store(true, Ordering::Release);
+        }
         {
             let _pool = lock(&shared.pool);
             shared.pool_cv.notify_all();

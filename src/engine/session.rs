@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{Receiver, TryRecvError};
 use slog::{debug, info, warn, Logger};
 
+use super::error::EngineError;
 use super::interp::{Interp, RawOutcome};
 use super::output::Pump;
 use super::python::Anchor;
@@ -360,18 +361,7 @@ fn run_next(
         return false;
     }
     if stopping {
-        // No new atom starts; everything queued is answered now, in order.
-        let queued: Vec<Queued> = st.queue.drain(..).collect();
-        st.scheduled = false;
-        drop(st);
-        for q in queued {
-            core.deliver_failure(
-                q.req.id,
-                FailureOrigin::Shutdown,
-                "builtins.RuntimeError",
-                "the server is shutting down".into(),
-            );
-        }
+        refuse_queued(core, st);
         return false;
     }
     let Some(front_cancelled) = st.queue.front().map(|q| q.cancelled) else {
@@ -391,6 +381,10 @@ fn run_next(
                 return false;
             }
             Ok(interp) => st.interp = Some(interp),
+            Err(EngineError::ShuttingDown) => {
+                refuse_queued(core, st);
+                return false;
+            }
             Err(e) => {
                 let Some(q) = st.queue.pop_front() else {
                     st.scheduled = false;
@@ -408,10 +402,20 @@ fn run_next(
             }
         }
     }
-    let Some(q) = st.queue.pop_front() else {
+    let Some(front) = st.queue.front() else {
         park(shared, core, &mut st);
         return false;
     };
+    let starts = !front.cancelled && st.interp.is_some();
+    if starts && !shared.try_busy_enter() {
+        // Shutdown began since `stopping` was read above.
+        refuse_queued(core, st);
+        return false;
+    }
+    let q = st
+        .queue
+        .pop_front()
+        .expect("the front was just seen under the same lock");
     let interp = st.interp.clone();
     let serial = shared.next_serial();
     if !q.cancelled {
@@ -424,8 +428,9 @@ fn run_next(
     drop(st);
 
     match interp {
-        Some(interp) if !q.cancelled => {
+        Some(interp) if starts => {
             execute(index, shared, core, pump, &interp, q.req, serial);
+            shared.busy_leave();
             // Before the interpreter can be parked or recycled (and its thread
             // states deleted by the pool thread).
             anchor.rebind();
@@ -456,6 +461,22 @@ fn run_next(
     }
 }
 
+/// Shutdown has begun: no atom of the session starts; everything queued is
+/// answered now, in order.
+fn refuse_queued(core: &SessionCore, mut st: MutexGuard<'_, SessState>) {
+    let queued: Vec<Queued> = st.queue.drain(..).collect();
+    st.scheduled = false;
+    drop(st);
+    for q in queued {
+        core.deliver_failure(
+            q.req.id,
+            FailureOrigin::Shutdown,
+            "builtins.RuntimeError",
+            "the server is shutting down".into(),
+        );
+    }
+}
+
 /// The session's queue is empty: it is no longer scheduled and its interpreter
 /// (if it has one) is parked until its next atom. Called with the session lock
 /// held, so `close` sees either the session's interpreter or the parked one.
@@ -478,7 +499,6 @@ fn execute(
     let log = &core.log;
     let timeout = req.timeout.or(shared.config.default_timeout);
     info!(log, "atom start"; "atom" => req.id, "kind" => ?req.kind, "interp" => interp.serial);
-    shared.busy_enter();
     let start = Instant::now();
     if let Some(t) = timeout {
         let _ = shared.watch_tx.send(WatchMsg::Arm {
@@ -519,7 +539,6 @@ fn execute(
         },
     );
     core.sink.end_of_output(req.id);
-    shared.busy_leave();
     if label == "error" {
         warn!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
     } else {
