@@ -30,7 +30,7 @@ def noop():
 
 def ok(f) -> bool:
     """A RESULT whose outcome is a value (not an exception)."""
-    return f.kind == wire.RESULT and f.payload[8] == 0
+    return f.kind == wire.RESULT and f.payload[9] == 0
 
 
 def print_lines(n):

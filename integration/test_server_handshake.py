@@ -51,18 +51,18 @@ def test_session_ids_are_unique(server):
 def test_session_logs_arrive_as_log_frames(server):
     s = wire.open_session(server.host, server.port, server.token)
     s.main.send(wire.eval_frame(1, "2+2"))
+    result = s.main.read_kind(wire.RESULT)
+    assert result.decoded["ends_output"], "2+2 prints nothing: its RESULT ends its output"
     logs = []
     deadline = time.monotonic() + 10
-    done = False
-    while time.monotonic() < deadline and not (done and any("atom end" in l["message"] for l in logs)):
+    while time.monotonic() < deadline and not any("atom end" in l["message"] for l in logs):
         try:
             f = s.out.read(0.5)
         except TimeoutError:
             continue
+        assert f.kind != wire.END_OF_OUTPUT, "no END_OF_OUTPUT for an atom that wrote nothing"
         if f.kind == wire.LOG:
             logs.append(f.decoded)
-        elif f.kind == wire.END_OF_OUTPUT:
-            done = True
     messages = [l["message"] for l in logs]
     assert "client connected" in messages, messages
     assert any("atom end" in m for m in messages), messages
@@ -348,6 +348,56 @@ def test_pipelined_atoms_are_answered_in_order_with_complete_output(server):
             ends.append(f.request_id)
     assert ends == list(range(1, n + 1))
     assert outputs == [(i, f"{i}\n".encode()) for i in range(1, n + 1)]
+    s.close()
+
+
+@pytest.mark.parametrize("backend", ["subinterp", "fork"])
+def test_end_of_output_comes_only_for_atoms_that_wrote_output(server, backend):
+    # An atom that wrote nothing has its output ended by its RESULT (flag
+    # ENDS_OUTPUT) and gets no END_OF_OUTPUT; one that wrote gets both.
+    s = wire.open_session(server.host, server.port, server.token, backend=backend)
+    sources = ["print('a'); 1", "2", "import sys; sys.stderr.write('e'); 3", "4", "1/0"]
+    s.main.send(b"".join(wire.eval_frame(i, src) for i, src in enumerate(sources, 1)))
+    results = [s.main.read_kind(wire.RESULT) for _ in sources]
+    assert [r.request_id for r in results] == [1, 2, 3, 4, 5]
+    assert [r.decoded["ends_output"] for r in results] == [False, True, False, True, True]
+    ends = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        try:
+            f = s.out.read(0.2)
+        except TimeoutError:
+            continue
+        if f.kind == wire.END_OF_OUTPUT:
+            ends.append(f.request_id)
+    assert ends == [1, 3]
+    s.close()
+
+
+@pytest.mark.parametrize("backend", ["subinterp", "fork"])
+def test_a_queued_atom_cancelled_while_another_prints_gets_no_end_of_output(server, backend):
+    # Atom 2's RESULT is decided while atom 1 runs and writes: the choice of
+    # ENDS_OUTPUT is per atom, not "did the session write lately".
+    s = wire.open_session(server.host, server.port, server.token, backend=backend)
+    slow = "import time\nprint('a', flush=True)\ntime.sleep(0.5)\nprint('b')\n1"
+    s.main.send(wire.eval_frame(1, slow) + wire.eval_frame(2, "2"))
+    f = s.out.read_kind(wire.OUTPUT)
+    assert (f.request_id, f.decoded["data"]) == (1, b"a\n")
+    s.main.send(wire.cancel(2))
+    r1, r2 = s.main.read_kind(wire.RESULT), s.main.read_kind(wire.RESULT)
+    assert (r1.request_id, r1.decoded["ok"], r1.decoded["ends_output"]) == (1, True, False)
+    assert (r2.request_id, r2.decoded["ok"], r2.decoded["ends_output"]) == (2, False, True)
+    assert r2.decoded["origin"] == 2, "CANCELLED"
+    seen = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        try:
+            f = s.out.read(0.2)
+        except TimeoutError:
+            continue
+        if f.kind in (wire.OUTPUT, wire.END_OF_OUTPUT):
+            seen.append((f.name, f.request_id))
+    assert seen == [("OUTPUT", 1), ("END_OF_OUTPUT", 1)], seen
     s.close()
 
 

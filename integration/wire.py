@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 CHALLENGE, HELLO, WELCOME = 0x01, 0x02, 0x03
 EVAL, CANCEL, CLOSE = 0x10, 0x11, 0x12
@@ -173,6 +173,7 @@ def decode(kind: int, payload: bytes) -> dict:
                     default_timeout_ms=f.opt_u64())
     if kind == RESULT:
         d = dict(duration_us=f.u64())
+        d["ends_output"] = bool(f.u8() & 1)
         if f.u8() == 0:
             d.update(ok=True, value=f.bytes())
             n = f.u32()
@@ -289,13 +290,16 @@ class Session:
     def collect(self, atom: int, timeout: float = 30.0) -> tuple[list, Frame]:
         lines = []
         deadline = time.monotonic() + timeout
+        result = self.main.read(max(0.01, deadline - time.monotonic()))
+        if result.kind == RESULT and result.decoded["ends_output"]:
+            # The atom wrote nothing: no END_OF_OUTPUT follows.
+            return lines, result
         while True:
             f = self.out.read(max(0.01, deadline - time.monotonic()))
             if f.kind == OUTPUT and f.request_id == atom:
                 lines += [(f.decoded["fd"], l) for l in f.decoded["data"].decode().splitlines()]
             elif f.kind == END_OF_OUTPUT and f.request_id == atom:
                 break
-        result = self.main.read(max(0.01, deadline - time.monotonic()))
         return lines, result
 
     def close(self) -> None:
@@ -322,9 +326,9 @@ def handshake(host: str, port: int, token: str | bytes | None, **hello_kw) -> tu
     return c, f.decoded
 
 
-def open_session(host: str, port: int, token: str | bytes | None) -> Session:
+def open_session(host: str, port: int, token: str | bytes | None, **hello_kw) -> Session:
     """Handshake on a main-stream, then attach an output-stream."""
-    main, welcome = handshake(host, port, token)
+    main, welcome = handshake(host, port, token, **hello_kw)
     out = Conn(host, port)
     out.read_kind(CHALLENGE)
     out.send(attach(welcome["session_id"], welcome["attach_secret"]))

@@ -118,6 +118,7 @@ fn example() -> Vec<(&'static str, Vec<u8>)> {
             "main-stream, server → client: RESULT (atom 1, value 42)",
             Message::Result(AtomResult {
                 duration_us: 250,
+                ends_output: false,
                 outcome: Outcome::Value {
                     // pickle.dumps(42, protocol=5)
                     pickled: vec![0x80, 0x05, 0x4b, 0x2a, 0x2e],

@@ -55,17 +55,17 @@ impl Backend for FakeEngine {
                     (Some("sleep"), Some(ms)) => thread::sleep(Duration::from_millis(ms)),
                     _ => {}
                 }
-                sink.result(
+                sink.finish(
                     atom.id,
                     AtomResult {
                         duration_us: 1,
+                        ends_output: false,
                         outcome: Outcome::Value {
                             pickled: atom.payload,
                             buffers: atom.buffers,
                         },
                     },
                 );
-                sink.end_of_output(atom.id);
             }
         });
         Ok(Box::new(FakeSession { tx }))

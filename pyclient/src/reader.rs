@@ -491,7 +491,14 @@ fn decode(frame: &Frame, stream: &str) -> Result<Message, Cause> {
 /// Files a main-stream message; true when it completed an atom.
 fn route_main(st: &mut State, atom: u64, msg: Result<Message, Cause>) -> Result<bool, Cause> {
     match msg? {
-        Message::Result(r) => st.complete(atom, Completion::Result(r)),
+        Message::Result(r) => {
+            // The atom wrote nothing: no END_OF_OUTPUT follows for it.
+            let ended = r.ends_output;
+            st.complete(atom, Completion::Result(r));
+            if ended {
+                st.end_output(atom);
+            }
+        }
         Message::Error(e) if atom != 0 => st.complete(atom, Completion::Refused(e)),
         Message::Error(e) => {
             return Err(Cause::ServerError(format!(
@@ -578,6 +585,7 @@ pub(crate) mod tests {
     fn a_large_result_that_is_not_a_value_is_reassembled_for_the_decoder() {
         let msg = Message::Result(AtomResult {
             duration_us: 3,
+            ends_output: false,
             outcome: Outcome::Exception(RemoteException {
                 origin: FailureOrigin::Raised,
                 type_name: "builtins.ValueError".into(),
@@ -608,6 +616,7 @@ pub(crate) mod tests {
         let value: Vec<u8> = (0..3 * BIG_FRAME).map(|i| (i % 253) as u8).collect();
         let big = Message::Result(AtomResult {
             duration_us: 1,
+            ends_output: false,
             outcome: Outcome::Value {
                 pickled: b"pickle".to_vec(),
                 buffers: vec![value.clone().into()],
@@ -787,6 +796,7 @@ pub(crate) mod tests {
     fn value(pickled: &[u8]) -> Message {
         Message::Result(AtomResult {
             duration_us: 5,
+            ends_output: false,
             outcome: Outcome::Value {
                 pickled: pickled.to_vec(),
                 buffers: Vec::new(),
@@ -889,6 +899,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_result_that_ends_output_ends_the_atoms_output_without_end_of_output() {
+        let (s, peer) = connected();
+        let a = s.submit(AtomKind::Source, b"1", None, None, None).unwrap();
+        let Message::Result(mut r) = value(b"v") else {
+            unreachable!()
+        };
+        r.ends_output = true;
+        peer.send_main(Message::Result(r), a);
+        assert!(matches!(&*wait(&s, a), Completion::Result(_)));
+        // No END_OF_OUTPUT is ever sent: the iterator ends on the RESULT alone.
+        let (chunks, ended) = s
+            .read_output(Some(a), Some(Duration::from_secs(5)), 1 << 20)
+            .unwrap();
+        assert!(chunks.is_empty() && ended);
+        // Without the flag, the iterator waits for END_OF_OUTPUT.
+        let b = s.submit(AtomKind::Source, b"2", None, None, None).unwrap();
+        s.flush();
+        peer.send_main(value(b"w"), b);
+        assert!(matches!(&*wait(&s, b), Completion::Result(_)));
+        let (_, ended) = s
+            .read_output(Some(b), Some(Duration::from_millis(100)), 1 << 20)
+            .unwrap();
+        assert!(!ended, "output ends only with END_OF_OUTPUT");
+        peer.send_out(Message::EndOfOutput, b);
+        assert!(read_all(&s, Some(b)).unwrap().is_empty());
+        s.close();
+    }
+
+    #[test]
     fn exceptions_refusals_and_logs_arrive_as_data() {
         let (s, peer) = connected();
         let a = s
@@ -907,6 +946,7 @@ pub(crate) mod tests {
         peer.send_main(
             Message::Result(AtomResult {
                 duration_us: 1,
+                ends_output: false,
                 outcome: Outcome::Exception(RemoteException {
                     origin: FailureOrigin::Raised,
                     type_name: "builtins.ZeroDivisionError".into(),

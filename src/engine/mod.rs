@@ -54,14 +54,15 @@ pub struct AtomRequest {
 }
 
 /// Where a session's atoms deliver what they produce. Implemented by the network
-/// layer; called from engine threads. For each atom, in this order:
-/// any number of `output` calls, then exactly one `result`, then exactly one
-/// `end_of_output`. Atoms of a session are delivered in submission order.
+/// layer; called from engine threads. For each atom, in this order: any number
+/// of `output` calls, then exactly one `finish`. Atoms of a session are
+/// finished in submission order.
 ///
-/// The result goes first because a caller waiting for the value needs only it:
-/// on the network it is the frame a round trip waits for, and the
-/// end-of-output frame on the other stream would otherwise delay it by a send
-/// (docs/performance.md, "RESULT before END_OF_OUTPUT").
+/// One call ends an atom, with its result, because the network layer decides
+/// from it how to tell the client: a round trip waits only for the RESULT, so
+/// it goes first, and an atom that wrote nothing needs no END_OF_OUTPUT frame
+/// at all (docs/performance.md, "RESULT before END_OF_OUTPUT" and "no
+/// END_OF_OUTPUT for silent atoms").
 ///
 /// A call may block (back-pressure from a client that does not read); the
 /// engine tolerates that, and it slows only that session's atoms.
@@ -70,10 +71,9 @@ pub trait SessionSink: Send + Sync + 'static {
     /// the last piece of a call may lack it: an atom's final partial line, or a
     /// `max_line`-sized piece of a longer line. Bytes are passed unchanged.
     fn output(&self, atom: u64, fd: u8, lines: Vec<u8>);
-    /// Every byte the atom wrote before it returned has been passed to `output`.
-    fn end_of_output(&self, atom: u64);
-    /// The atom's value or exception.
-    fn result(&self, atom: u64, result: AtomResult);
+    /// The atom's value or exception. Every byte the atom wrote before it
+    /// returned has been passed to `output`; no more output comes for it.
+    fn finish(&self, atom: u64, result: AtomResult);
 }
 
 /// Shared handle to a sink.

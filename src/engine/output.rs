@@ -15,7 +15,7 @@
 //! the atom out of the slot and reads both pipes until they are empty itself,
 //! delivering the rest including a final partial line. The slot's lock orders
 //! the two readers (a batch the pump is delivering completes first), so every
-//! byte is delivered before the result and `end_of_output`, in order. The executor starts the
+//! byte is delivered before the atom's `finish`, in order. The executor starts the
 //! session's next atom only after the result, so no byte can be attributed to
 //! the wrong atom — except bytes written by threads the atom started and left
 //! running: those written before the drain belong to this atom, later ones to

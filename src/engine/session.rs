@@ -145,8 +145,7 @@ impl SessionCore {
 
     fn deliver_failure(&self, atom: u64, origin: FailureOrigin, type_name: &str, message: String) {
         self.sink
-            .result(atom, AtomResult::failure(origin, type_name, message, 0));
-        self.sink.end_of_output(atom);
+            .finish(atom, AtomResult::failure(origin, type_name, message, 0));
     }
 
     fn submit(self: &Arc<Self>, atom: AtomRequest) {
@@ -268,7 +267,7 @@ impl EngineSession {
     }
 
     /// Drop a queued atom or interrupt a running one (KeyboardInterrupt in its
-    /// interpreter). The atom still gets `end_of_output` and a result (origin
+    /// interpreter). The atom is still finished with a result (origin
     /// Cancelled, unless it finished first). Returns false if unknown or finished.
     pub fn cancel(&self, atom_id: u64) -> bool {
         self.core.cancel(atom_id)
@@ -531,14 +530,14 @@ fn execute(
     let reason = core.lock().running.as_ref().and_then(|r| r.reason);
     let outcome = outcome(req.id, raw, reason);
     let label = outcome.label();
-    core.sink.result(
+    core.sink.finish(
         req.id,
         AtomResult {
             duration_us,
+            ends_output: false,
             outcome,
         },
     );
-    core.sink.end_of_output(req.id);
     if label == "error" {
         warn!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
     } else {

@@ -13,7 +13,7 @@
 //!   `worker.py` on the other end). One server thread per session
 //!   ([`session`]) `poll(2)`s the control socket, both pipes and a wake pipe,
 //!   so output is attributed to the running atom and drained to the last byte
-//!   before the result and `end_of_output`.
+//!   before the atom's `finish`.
 //! - One server thread (`pyproxy-zygote`) reads the zygote's records and
 //!   routes them: new workers to whoever asked (or to the warm slot), exit
 //!   statuses to the session whose worker died.

@@ -8,7 +8,7 @@
 //! arrives, every byte the atom wrote is already in the pipes (the worker
 //! flushed Python's and C's buffers before sending it), so the thread reads
 //! both pipes until `EAGAIN`, hands the rest to the sink, and only then calls
-//! `result` and then `end_of_output`.
+//! `finish` with the result.
 //!
 //! A worker that dies fails its running atom (origin `WorkerDied`, naming the
 //! exit code or signal the zygote reported) and is replaced by a fresh one for
@@ -312,7 +312,7 @@ impl Runner {
                 }
             }
             for id in skipped {
-                self.sink.result(
+                self.sink.finish(
                     id,
                     failure(
                         FailureOrigin::Cancelled,
@@ -321,7 +321,6 @@ impl Runner {
                         0,
                     ),
                 );
-                self.sink.end_of_output(id);
             }
             if let (Some(reason), Some(r)) = (interrupt, cur.as_mut()) {
                 self.interrupt(r, reason);
@@ -347,7 +346,7 @@ impl Runner {
                 }
                 Err(e) => {
                     warn!(self.log, "no worker for the atom"; "atom" => atom.id, "error" => &e);
-                    self.sink.result(
+                    self.sink.finish(
                         atom.id,
                         failure(
                             FailureOrigin::ServerError,
@@ -356,7 +355,6 @@ impl Runner {
                             0,
                         ),
                     );
-                    self.sink.end_of_output(atom.id);
                     return None;
                 }
             }
@@ -527,6 +525,7 @@ impl Runner {
                             &r,
                             AtomResult {
                                 duration_us,
+                                ends_output: false,
                                 outcome: Outcome::Exception(RemoteException {
                                     origin: FailureOrigin::Raised,
                                     type_name,
@@ -551,12 +550,13 @@ impl Runner {
             &r,
             AtomResult {
                 duration_us,
+                ends_output: false,
                 outcome,
             },
         );
     }
 
-    /// Drains both pipes, then the result, then `end_of_output`.
+    /// Drains both pipes, then finishes the atom with its result.
     fn end_atom(&mut self, r: &Running, result: AtomResult) {
         for i in 0..2 {
             self.read_pipe(i, None, r.id);
@@ -565,8 +565,7 @@ impl Runner {
         self.deliver(r.id);
         let label = result.outcome.label();
         info!(self.log, "atom end"; "atom" => r.id, "duration_us" => result.duration_us, "outcome" => label);
-        self.sink.result(r.id, result);
-        self.sink.end_of_output(r.id);
+        self.sink.finish(r.id, result);
     }
 
     /// The worker broke the control protocol: end it and fail the atom; the
@@ -608,6 +607,7 @@ impl Runner {
         let result = match r.interrupted {
             Some(reason) => AtomResult {
                 duration_us: micros(r.started),
+                ends_output: false,
                 outcome: interrupted(r.id, reason, String::new(), Some(&how)),
             },
             None => failure(

@@ -8,7 +8,7 @@ use super::error::{Error, Result};
 use super::frame::{Frame, Kind};
 
 /// The protocol version this crate speaks, sent in `CHALLENGE` and `HELLO`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Length of nonces, proofs and attach secrets.
 pub const NONCE_LEN: usize = 32;
@@ -225,6 +225,10 @@ pub struct RemoteException {
 pub struct AtomResult {
     /// Time the atom ran, in microseconds.
     pub duration_us: u64,
+    /// The atom wrote no output: this RESULT also ends its output, and no
+    /// END_OF_OUTPUT follows for it (saving a frame, and the wake-up of a
+    /// client thread, per atom that prints nothing).
+    pub ends_output: bool,
     pub outcome: Outcome,
 }
 
@@ -256,6 +260,7 @@ impl AtomResult {
     ) -> AtomResult {
         AtomResult {
             duration_us,
+            ends_output: false,
             outcome: Outcome::Exception(RemoteException {
                 origin,
                 type_name: type_name.to_owned(),
@@ -425,9 +430,11 @@ impl Message {
         let (big, buffers) = match self {
             Message::Result(AtomResult {
                 duration_us,
+                ends_output,
                 outcome: Outcome::Value { pickled, buffers },
             }) => {
                 head.u64(duration_us)
+                    .u8(result_flags(ends_output))
                     .u8(OUTCOME_VALUE)
                     .u32(pickled.len() as u32);
                 (pickled, buffers)
@@ -705,6 +712,7 @@ fn decode_eval_owned(payload: Vec<u8>) -> Result<Message> {
 fn decode_result_owned(payload: Vec<u8>) -> Result<Message> {
     let mut r = PayloadReader::new(&payload);
     let duration_us = r.u64("duration_us")?;
+    let ends_output = ends_output_flag(r.u8("flags")?)?;
     if r.u8("outcome")? != OUTCOME_VALUE {
         return Message::decode_parts(Kind::Result, &payload);
     }
@@ -725,15 +733,36 @@ fn decode_result_owned(payload: Vec<u8>) -> Result<Message> {
     };
     Ok(Message::Result(AtomResult {
         duration_us,
+        ends_output,
         outcome,
     }))
 }
 
 const OUTCOME_VALUE: u8 = 0;
 const OUTCOME_EXCEPTION: u8 = 1;
+/// RESULT `flags` bit: no END_OF_OUTPUT follows for this atom.
+const FLAG_ENDS_OUTPUT: u8 = 1;
+
+fn result_flags(ends_output: bool) -> u8 {
+    if ends_output {
+        FLAG_ENDS_OUTPUT
+    } else {
+        0
+    }
+}
+
+fn ends_output_flag(flags: u8) -> Result<bool> {
+    if flags & !FLAG_ENDS_OUTPUT != 0 {
+        return Err(Error::InvalidValue {
+            field: "flags",
+            value: u64::from(flags),
+        });
+    }
+    Ok(flags == FLAG_ENDS_OUTPUT)
+}
 
 fn encode_result(w: &mut PayloadWriter, r: &AtomResult) {
-    w.u64(r.duration_us);
+    w.u64(r.duration_us).u8(result_flags(r.ends_output));
     match &r.outcome {
         Outcome::Value { pickled, buffers } => {
             w.u8(OUTCOME_VALUE).bytes(pickled).buffers(buffers);
@@ -751,6 +780,7 @@ fn encode_result(w: &mut PayloadWriter, r: &AtomResult) {
 
 fn decode_result(r: &mut PayloadReader<'_>, payload: &[u8]) -> Result<AtomResult> {
     let duration_us = r.u64("duration_us")?;
+    let ends_output = ends_output_flag(r.u8("flags")?)?;
     let outcome = match r.u8("outcome")? {
         OUTCOME_VALUE => Outcome::Value {
             pickled: r.bytes("value")?.to_vec(),
@@ -772,6 +802,7 @@ fn decode_result(r: &mut PayloadReader<'_>, payload: &[u8]) -> Result<AtomResult
     };
     Ok(AtomResult {
         duration_us,
+        ends_output,
         outcome,
     })
 }
@@ -875,13 +906,16 @@ mod tests {
                 })),
             any::<u64>().prop_map(|t| Message::Cancel(Cancel { target: t })),
             Just(Message::Close),
-            (any::<u64>(), blob(), buffers()).prop_map(|(d, p, b)| Message::Result(AtomResult {
-                duration_us: d,
-                outcome: Outcome::Value {
-                    pickled: p,
-                    buffers: b
-                }
-            })),
+            (any::<u64>(), any::<bool>(), blob(), buffers()).prop_map(|(d, e, p, b)| {
+                Message::Result(AtomResult {
+                    duration_us: d,
+                    ends_output: e,
+                    outcome: Outcome::Value {
+                        pickled: p,
+                        buffers: b,
+                    },
+                })
+            }),
             (
                 any::<u64>(),
                 proptest::sample::select(FailureOrigin::ALL.to_vec()),
@@ -892,6 +926,7 @@ mod tests {
             )
                 .prop_map(|(d, o, t, m, tb, p)| Message::Result(AtomResult {
                     duration_us: d,
+                    ends_output: d % 2 == 0,
                     outcome: Outcome::Exception(RemoteException {
                         origin: o,
                         type_name: t,
@@ -1018,6 +1053,7 @@ mod tests {
         let value: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let msg = Message::Result(AtomResult {
             duration_us: 9,
+            ends_output: false,
             outcome: Outcome::Value {
                 pickled: b"p".to_vec(),
                 buffers: vec![Buffer::from(value), Buffer::from(vec![7u8; 10])],
@@ -1055,12 +1091,42 @@ mod tests {
         ));
     }
 
-    /// A RESULT value payload: duration 0, outcome 0, a 1-byte pickle, then `tail`.
+    /// A RESULT value payload: duration 0, flags 0, outcome 0, a 1-byte pickle, then `tail`.
     fn result_with(tail: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; 8];
+        let mut p = vec![0u8; 9];
         p.extend_from_slice(&[0, 0, 0, 0, 1, 0x2e]);
         p.extend_from_slice(tail);
         p
+    }
+
+    #[test]
+    fn result_flags_other_than_ends_output_are_refused() {
+        let mut p = result_with(&[0, 0, 0, 0]);
+        for (flags, ends) in [(0u8, false), (1, true)] {
+            p[8] = flags;
+            for decoded in [
+                Message::decode_parts(Kind::Result, &p),
+                Message::decode_owned(Kind::Result, p.clone()),
+            ] {
+                let Ok(Message::Result(r)) = decoded else {
+                    panic!("flags {flags}: {decoded:?}");
+                };
+                assert_eq!(r.ends_output, ends);
+            }
+        }
+        p[8] = 2;
+        for decoded in [
+            Message::decode_parts(Kind::Result, &p),
+            Message::decode_owned(Kind::Result, p.clone()),
+        ] {
+            assert!(matches!(
+                decoded,
+                Err(Error::InvalidValue {
+                    field: "flags",
+                    value: 2
+                })
+            ));
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -396,10 +396,10 @@ impl Session {
     }
 
     /// Answers an accepted atom without running it: its RESULT in its turn,
-    /// then END_OF_OUTPUT so the client's output iterator ends.
-    fn answer_now(&self, atom: u64, result: AtomResult) {
+    /// which also ends its (empty) output.
+    fn answer_now(&self, atom: u64, mut result: AtomResult) {
+        result.ends_output = true;
         self.complete(atom, Message::Result(result).to_frame(atom));
-        self.push_output(Message::EndOfOutput.to_frame(atom));
     }
 
     /// Refuses an atom that was not accepted: an ERROR with its id, at once
@@ -700,7 +700,14 @@ impl Session {
 }
 
 /// The engine's view of a session: turns sink calls into queued frames.
-struct Sink(Arc<Session>);
+struct Sink {
+    session: Arc<Session>,
+    /// The last atom that wrote output (0: none yet; atom ids start at 1). Output
+    /// comes only from the running atom and before its `finish`, so an atom
+    /// finished while it is not this one wrote nothing, even when a cancelled
+    /// queued atom finishes while another one runs.
+    wrote_output: AtomicU64,
+}
 
 impl SessionSink for Sink {
     fn output(&self, atom: u64, fd: u8, mut lines: Vec<u8>) {
@@ -710,22 +717,23 @@ impl SessionSink for Sink {
         if lines.last() != Some(&b'\n') {
             lines.push(b'\n');
         }
+        self.wrote_output.store(atom, Ordering::Release);
         for data in split_pieces(lines, OUTPUT_PIECE) {
-            self.0
+            self.session
                 .push_output(Message::Output(Output { fd, data }).to_frame(atom));
         }
     }
 
-    fn end_of_output(&self, atom: u64) {
-        self.0.push_output(Message::EndOfOutput.to_frame(atom));
-    }
-
-    fn result(&self, atom: u64, result: AtomResult) {
+    /// RESULT first (a round trip waits only for it), then END_OF_OUTPUT, or
+    /// none when the atom wrote nothing and the RESULT says so.
+    fn finish(&self, atom: u64, mut result: AtomResult) {
+        let wrote = self.wrote_output.load(Ordering::Acquire) == atom;
+        result.ends_output = !wrote;
         let mut frame = Message::Result(result).into_frame(atom);
-        let limit = self.0.max_frame as usize;
+        let limit = self.session.max_frame as usize;
         if frame.payload_len() + protocol::frame::HEADER_BODY_SIZE > limit {
-            warn!(self.0.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload_len());
-            frame = Message::Result(exception(
+            warn!(self.session.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload_len());
+            let mut too_large = exception(
                 FailureOrigin::ServerError,
                 "ResultTooLarge",
                 format!(
@@ -733,10 +741,15 @@ impl SessionSink for Sink {
                     frame.payload_len(),
                     limit
                 ),
-            ))
-            .to_frame(atom);
+            );
+            too_large.ends_output = !wrote;
+            frame = Message::Result(too_large).to_frame(atom);
         }
-        self.0.complete(atom, frame);
+        self.session.complete(atom, frame);
+        if wrote {
+            self.session
+                .push_output(Message::EndOfOutput.to_frame(atom));
+        }
     }
 }
 
@@ -840,7 +853,10 @@ pub fn run_main(
         );
         return;
     }
-    let sink: Arc<dyn SessionSink> = Arc::new(Sink(Arc::clone(&session)));
+    let sink: Arc<dyn SessionSink> = Arc::new(Sink {
+        session: Arc::clone(&session),
+        wrote_output: AtomicU64::new(0),
+    });
     let backend = challenger.backend_for(&hello.backend).to_owned();
     match shared.backend.open_named(&backend, id, sink, log.clone()) {
         Ok(engine) => *lock(&session.engine) = Some(engine),

@@ -17,9 +17,8 @@ use pyproxy::protocol::{AtomKind, AtomResult, Outcome, RemoteException};
 pub struct Rec {
     /// `output` calls in order: (fd, data).
     pub out: Vec<(u8, Vec<u8>)>,
-    pub ended: bool,
     pub result: Option<AtomResult>,
-    /// Broken ordering rules (output after the result, end before the result, ...).
+    /// Broken ordering rules (output after finish, finish twice, ...).
     pub violations: Vec<String>,
 }
 
@@ -61,8 +60,8 @@ impl SessionSink for Collect {
     fn output(&self, atom: u64, fd: u8, lines: Vec<u8>) {
         let mut g = self.atoms.lock().unwrap();
         let r = g.0.entry(atom).or_default();
-        if r.ended || r.result.is_some() {
-            r.violations.push("output after the result".into());
+        if r.result.is_some() {
+            r.violations.push("output after finish".into());
         }
         if lines.is_empty() {
             r.violations.push("empty output call".into());
@@ -70,28 +69,12 @@ impl SessionSink for Collect {
         r.out.push((fd, lines));
     }
 
-    fn end_of_output(&self, atom: u64) {
-        let mut g = self.atoms.lock().unwrap();
-        let r = g.0.entry(atom).or_default();
-        if r.ended {
-            r.violations.push("end_of_output twice".into());
-        }
-        if r.result.is_none() {
-            r.violations.push("end_of_output before the result".into());
-        }
-        r.ended = true;
-        self.cv.notify_all();
-    }
-
-    fn result(&self, atom: u64, result: AtomResult) {
+    fn finish(&self, atom: u64, result: AtomResult) {
         let mut g = self.atoms.lock().unwrap();
         g.1.push(atom);
         let r = g.0.entry(atom).or_default();
-        if r.ended {
-            r.violations.push("result after end_of_output".into());
-        }
         if r.result.is_some() {
-            r.violations.push("result twice".into());
+            r.violations.push("finished twice".into());
         }
         r.result = Some(result);
         self.cv.notify_all();
@@ -103,13 +86,13 @@ impl Collect {
         Arc::new(Collect::default())
     }
 
-    /// Waits for `atom`'s result and end of output (panics after `timeout`).
+    /// Waits until `atom` is finished (panics after `timeout`).
     pub fn wait(&self, atom: u64, timeout: Duration) -> Rec {
         let deadline = Instant::now() + timeout;
         let mut g = self.atoms.lock().unwrap();
         loop {
             if let Some(r) = g.0.get(&atom) {
-                if r.result.is_some() && r.ended {
+                if r.result.is_some() {
                     assert!(r.violations.is_empty(), "atom {atom}: {:?}", r.violations);
                     return r.clone();
                 }
