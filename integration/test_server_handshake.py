@@ -361,15 +361,7 @@ def test_end_of_output_comes_only_for_atoms_that_wrote_output(server, backend):
     results = [s.main.read_kind(wire.RESULT) for _ in sources]
     assert [r.request_id for r in results] == [1, 2, 3, 4, 5]
     assert [r.decoded["ends_output"] for r in results] == [False, True, False, True, True]
-    ends = []
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        try:
-            f = s.out.read(0.2)
-        except TimeoutError:
-            continue
-        if f.kind == wire.END_OF_OUTPUT:
-            ends.append(f.request_id)
+    ends = [f.request_id for f in s.out.frames_for(2) if f.kind == wire.END_OF_OUTPUT]
     assert ends == [1, 3]
     s.close()
 
@@ -388,15 +380,7 @@ def test_a_queued_atom_cancelled_while_another_prints_gets_no_end_of_output(serv
     assert (r1.request_id, r1.decoded["ok"], r1.decoded["ends_output"]) == (1, True, False)
     assert (r2.request_id, r2.decoded["ok"], r2.decoded["ends_output"]) == (2, False, True)
     assert r2.decoded["origin"] == 2, "CANCELLED"
-    seen = []
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        try:
-            f = s.out.read(0.2)
-        except TimeoutError:
-            continue
-        if f.kind in (wire.OUTPUT, wire.END_OF_OUTPUT):
-            seen.append((f.name, f.request_id))
+    seen = [(f.name, f.request_id) for f in s.out.frames_for(1.5) if f.kind in (wire.OUTPUT, wire.END_OF_OUTPUT)]
     assert seen == [("OUTPUT", 1), ("END_OF_OUTPUT", 1)], seen
     s.close()
 

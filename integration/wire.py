@@ -251,6 +251,17 @@ class Conn:
             if f.kind not in skip:
                 raise AssertionError(f"expected {KIND_NAMES.get(kind)}, got {f!r}")
 
+    def frames_for(self, seconds: float) -> list[Frame]:
+        """Every frame that arrives within `seconds` (for checking what did *not* come)."""
+        frames = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                frames.append(self.read(min(0.2, left)))
+            except TimeoutError:
+                continue
+        return frames
+
     def is_closed(self, timeout: float = 5.0) -> bool:
         """True if the server closes the connection within `timeout` (frames before it are dropped)."""
         deadline = time.monotonic() + timeout
