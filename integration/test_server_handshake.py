@@ -371,7 +371,7 @@ def test_a_queued_atom_cancelled_while_another_prints_gets_no_end_of_output(serv
     # Atom 2's RESULT is decided while atom 1 runs and writes: the choice of
     # ENDS_OUTPUT is per atom, not "did the session write lately".
     s = wire.open_session(server.host, server.port, server.token, backend=backend)
-    slow = "import time\nprint('a', flush=True)\ntime.sleep(0.5)\nprint('b')\n1"
+    slow = "import time\nprint('a', flush=True)\ntime.sleep(2)\nprint('b')\n1"
     s.main.send(wire.eval_frame(1, slow) + wire.eval_frame(2, "2"))
     f = s.out.read_kind(wire.OUTPUT)
     assert (f.request_id, f.decoded["data"]) == (1, b"a\n")
