@@ -1127,6 +1127,10 @@ def render(res: dict, meta: dict) -> str:
                 src = res["pyproxy"].get("w2_source", {}).get(f)
                 if src:
                     cell += " " + note(f"PyProxy, W2: function atoms (pickle reused as in W1); the same no-op as source text `5`: {fmt(src)} atoms/s")
+            w3 = res.get(c, {}).get("w3", {})
+            if row == "W6" and c != "floor" and w3.get("lines", meta["config"]["w3_lines"]) != meta["config"]["w3_lines"]:
+                # The ticker ran beside the peer's shortened W3: less output per second than PyProxy's.
+                cell += " " + note(f"{LABELS[c]}, W6: the ticker runs beside its shortened W3 ({w3['lines']:,} lines at {fmt(w3['lines_s'])} lines/s), not beside {meta['config']['w3_lines']:,}")
             for key, why in (("lines", "lines"), ("atoms", "atoms")):
                 full = {"lines": meta["config"]["w3_lines"], "atoms": meta["config"]["w2_atoms"]}[key]
                 if c != "floor" and key in d and d[key] != full and f in ("lines_s", "atoms_s"):
