@@ -733,7 +733,7 @@ impl SessionSink for Sink {
         let limit = self.session.max_frame as usize;
         if frame.payload_len() + protocol::frame::HEADER_BODY_SIZE > limit {
             warn!(self.session.log, "result too large for a frame"; "atom" => atom, "bytes" => frame.payload_len());
-            let mut too_large = exception(
+            let too_large = exception(
                 FailureOrigin::ServerError,
                 "ResultTooLarge",
                 format!(
@@ -742,8 +742,11 @@ impl SessionSink for Sink {
                     limit
                 ),
             );
-            too_large.ends_output = !wrote;
-            frame = Message::Result(too_large).to_frame(atom);
+            frame = Message::Result(AtomResult {
+                ends_output: !wrote,
+                ..too_large
+            })
+            .to_frame(atom);
         }
         self.session.complete(atom, frame);
         if wrote {
