@@ -139,3 +139,66 @@ def test_every_kind_of_change_to_a_module_is_undone_for_the_next_session(start_s
             assert s.eval(check_and_change).wait(30) == original
     interps = set(re.findall(r"atom start.*?interp: (\d+)", server.log_text()))
     assert len(interps) < 6, "no interpreter was reused, so nothing was checked"
+
+
+def _announcing_function_pickle(name: str, value: int) -> bytes:
+    """A cloudpickled function returning `value`, whose pickle prints `loaded <name>`
+    while it is unpickled: which atom's stdout shows the line tells whether the
+    server unpickled it or took the function from its cache."""
+    import cloudpickle
+
+    ns = {"__name__": "__main__"}
+    exec(f"def {name}():\n    return {value}\n", ns)
+    data = cloudpickle.dumps(ns[name], protocol=5)
+    assert data[:2] == b"\x80\x05"
+    # GLOBAL builtins.print, MARK, UNICODE, TUPLE, REDUCE, POP: print(...) and drop its None.
+    return data[:2] + f"cbuiltins\nprint\n(Vloaded {name}\ntR0".encode() + data[2:]
+
+
+def test_a_function_first_loaded_in_a_fresh_interpreter_stays_cached_and_later_ones_do_not(start_server):
+    # A session's first atom finds its interpreter as the warm snapshot left it, so
+    # the function it unpickles is what its bytes give in any session: reset keeps
+    # it (W5). A function unpickled after anything of the session ran may have been
+    # shaped by that session (a patched cloudpickle, say): reset drops it.
+    import wire
+
+    server = start_server(executors=1, warm_pool=1)
+    first = _announcing_function_pickle("first", 1)
+    later = _announcing_function_pickle("later", 2)
+    seen_interps: set[str] = set()
+    reused = 0
+    for _ in range(6):
+        s = wire.open_session(server.host, server.port, server.token)
+        try:
+            lines, result = s.run(1, first, kind=wire.FUNCTION)
+            assert result.kind == wire.RESULT
+            first_printed = lines == [(1, "loaded first")]
+            assert first_printed or lines == [], lines
+            lines, result = s.run(2, later, kind=wire.FUNCTION)
+            assert result.kind == wire.RESULT
+            assert lines == [(1, "loaded later")], "a function loaded after the first atom outlived its session"
+            # Within the session both are cached.
+            for atom, payload in ((3, first), (4, later)):
+                lines, result = s.run(atom, payload, kind=wire.FUNCTION)
+                assert result.kind == wire.RESULT and lines == []
+            session_id = s.id
+        finally:
+            s.close()
+        interp = _interp_of_session(server, session_id)
+        if interp in seen_interps:
+            reused += 1
+            assert not first_printed, f"interpreter {interp} unpickled `first` again after a reset"
+        else:
+            assert first_printed, f"interpreter {interp} ran `first` without unpickling it"
+        seen_interps.add(interp)
+    assert reused, "no interpreter was reused, so nothing was checked"
+
+
+def _interp_of_session(server, session_id: int) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in server.log_text().splitlines():
+            if "atom start" in line and re.search(rf"\bsession: {session_id}\b", line):
+                return re.search(r"interp: (\d+)", line).group(1)
+        time.sleep(0.05)
+    raise AssertionError(f"no `atom start` logged for session {session_id}")

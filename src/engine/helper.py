@@ -129,7 +129,7 @@ def setup(out_fd, err_fd, workdir, preload, environ, wake_fd):
     when the engine started: the environment is process-wide, so an
     interpreter warmed up while a session had changed it must not take that
     change for its baseline."""
-    global _out_fd, _err_fd, _workdir
+    global _out_fd, _err_fd, _workdir, _pristine
     _out_fd, _err_fd, _workdir = out_fd, err_fd, workdir
     _open_streams()
     _install_interruptible_sleep(wake_fd)
@@ -141,6 +141,7 @@ def setup(out_fd, err_fd, workdir, preload, environ, wake_fd):
     _atexit.register = _tracking_register
     _gc.collect()
     _take_snapshot(environ)
+    _pristine = True
 
 
 def _install_interruptible_sleep(wake_fd):
@@ -403,6 +404,15 @@ def _run_source(src, ns, loc):
 # sees: the same as unpickling the same bytes again. reset() empties it, so
 # nothing a session patched (cloudpickle itself, say) outlives the session.
 _FUNCTION_CACHE = {}
+# Functions first loaded while the interpreter was pristine: by the first atom
+# after setup or a reset that left no thread of the session running, before any
+# of that atom's other pickles. Nothing a session did can have shaped them —
+# they are what their bytes give in the warm snapshot's state, as in any
+# session — so reset() keeps them, and a new session's first function atom
+# (W5) is not unpickled anew.
+_PRISTINE_FUNCTIONS = {}
+# True from setup() or such a reset() until the next atom starts.
+_pristine = False
 _FUNCTION_CACHE_ENTRIES = 256
 _FUNCTION_CACHE_MAX_PICKLE = 16 * 1024
 _IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -473,20 +483,23 @@ def _function_from_parts(parts):
     return fn
 
 
-def _load_function(payload, taken):
+def _load_function(payload, taken, pristine):
     if type(payload) is not bytes:
         return taken.loads(payload)
     parts = _FUNCTION_CACHE.get(payload)
+    if parts is None:
+        parts = _PRISTINE_FUNCTIONS.get(payload)
     if parts:
         return _function_from_parts(parts)
     before = taken._next
     fn = taken.loads(payload)
     # A pickle that took out-of-band buffers depends on more than its bytes.
     if parts is None and taken._next == before and len(payload) <= _FUNCTION_CACHE_MAX_PICKLE:
-        if len(_FUNCTION_CACHE) >= _FUNCTION_CACHE_ENTRIES:
-            del _FUNCTION_CACHE[next(iter(_FUNCTION_CACHE))]
+        cache = _PRISTINE_FUNCTIONS if pristine else _FUNCTION_CACHE
+        if len(cache) >= _FUNCTION_CACHE_ENTRIES:
+            del cache[next(iter(cache))]
         # False remembers a function that cannot be copied: not checked again.
-        _FUNCTION_CACHE[payload] = _function_parts(fn) or False
+        cache[payload] = _function_parts(fn) or False
     return fn
 
 
@@ -546,6 +559,11 @@ class _Buffers:
 
 
 def _run(kind, payload, gbytes, lbytes, take, count):
+    global _pristine
+    # The function's pickle is loaded pristine only if nothing of the session's
+    # ran before it: not an earlier atom, nor this atom's globals or locals.
+    pristine = _pristine and gbytes is None and lbytes is None
+    _pristine = False
     ns = {"__builtins__": _builtins, "__name__": "__main__"}
     taken = _Buffers(take, count)
     g = taken.loads(gbytes) if gbytes is not None else None
@@ -554,7 +572,7 @@ def _run(kind, payload, gbytes, lbytes, take, count):
     if kind == _CODE:
         code = taken.loads(payload)
     elif kind == _FUNCTION:
-        fn = _load_function(payload, taken)
+        fn = _load_function(payload, taken, pristine)
     taken.finish()
     del taken, take
     if g is not None:
@@ -668,6 +686,7 @@ def _restore_list(cur, snap):
 def reset():
     """Restores the warm snapshot. Returns the number of Python threads that the
     session left running (they keep running: the engine logs them)."""
+    global _pristine
     s = _snap
     _flush()
     if _stdout.closed or _stderr.closed:
@@ -742,7 +761,10 @@ def reset():
     _gc.collect(2 if _gc.get_count()[2] >= _FULL_GC_AFTER else 1)
 
     main = _threading.main_thread()
-    return sum(
+    running = sum(
         1 for t in _threading.enumerate()
         if t is not main and not isinstance(t, _threading._DummyThread)
     )
+    # A thread the session left running can still change anything.
+    _pristine = running == 0
+    return running
