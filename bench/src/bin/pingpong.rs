@@ -8,7 +8,15 @@
 //!   connection to an echo thread; reports the p50/p99/mean round trip in µs.
 //! - `pingpong bw [--bytes N] [--reps R] [--chunk BYTES]`: one thread writes `bytes`
 //!   bytes, the other reads them all and answers one byte; reports MB/s (10^6 bytes/s)
-//!   of the best and the median of `reps` transfers.
+//!   of the best and the median of `reps` transfers. With `--message`, each transfer is
+//!   one `bytes`-long write from one buffer into one buffer of that size on the other
+//!   side (both allocated and touched once, before the first transfer), as one large
+//!   payload moves, instead of `chunk`-sized pieces that stay in the CPU caches.
+//! - `pingpong open [--iters N] [--pause MS]`: after `pause` ms of idleness, connects
+//!   two TCP_NODELAY loopback connections to a listener and makes one round trip of
+//!   13 bytes on the first (an accept thread answers); reports the median and p90 in
+//!   ms. The least a session of two streams and one no-op costs on this machine
+//!   after the same idle pause as W5 (no handshake, no thread started per connection).
 //!
 //! Server and client run as two threads of one process, pinned to nothing, as
 //! PyProxy's client and server are two processes on the same two cores.
@@ -80,10 +88,15 @@ fn rtt(args: &[String]) {
 fn bw(args: &[String]) {
     let bytes: usize = arg(args, "--bytes", 64 << 20);
     let reps: usize = arg(args, "--reps", 5);
-    let chunk: usize = arg(args, "--chunk", 1 << 20);
+    let message = args.iter().any(|a| a == "--message");
+    let chunk: usize = if message {
+        bytes
+    } else {
+        arg(args, "--chunk", 1 << 20)
+    };
     let (mut client, mut server) = pair();
     let sink = thread::spawn(move || {
-        let mut buf = vec![0u8; chunk];
+        let mut buf = vec![1u8; chunk];
         for _ in 0..reps {
             let mut left = bytes;
             while left > 0 {
@@ -111,9 +124,46 @@ fn bw(args: &[String]) {
     sink.join().expect("sink thread");
     rates.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "{{\"mode\":\"bw\",\"bytes\":{bytes},\"reps\":{reps},\"chunk\":{chunk},\"median_mb_s\":{:.1},\"best_mb_s\":{:.1}}}",
+        "{{\"mode\":\"bw\",\"bytes\":{bytes},\"reps\":{reps},\"chunk\":{chunk},\"message\":{message},\"median_mb_s\":{:.1},\"best_mb_s\":{:.1}}}",
         percentile(&rates, 0.5),
         rates[rates.len() - 1]
+    );
+}
+
+fn open(args: &[String]) {
+    let iters: usize = arg(args, "--iters", 20);
+    let pause: u64 = arg(args, "--pause", 50);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let server = thread::spawn(move || {
+        for _ in 0..iters {
+            let (mut first, _) = listener.accept().expect("accept");
+            let (_second, _) = listener.accept().expect("accept");
+            first.set_nodelay(true).expect("nodelay");
+            let mut buf = [0u8; 13];
+            first.read_exact(&mut buf).expect("server read");
+            first.write_all(&buf).expect("server write");
+        }
+    });
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        thread::sleep(std::time::Duration::from_millis(pause));
+        let t = Instant::now();
+        let mut first = TcpStream::connect(addr).expect("connect loopback");
+        first.set_nodelay(true).expect("nodelay");
+        let second = TcpStream::connect(addr).expect("connect loopback");
+        second.set_nodelay(true).expect("nodelay");
+        let mut buf = [7u8; 13];
+        first.write_all(&buf).expect("write");
+        first.read_exact(&mut buf).expect("read");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    server.join().expect("server thread");
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{{\"mode\":\"open\",\"iters\":{iters},\"pause_ms\":{pause},\"p50_ms\":{:.3},\"p90_ms\":{:.3}}}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.9)
     );
 }
 
@@ -122,8 +172,13 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("rtt") => rtt(&args),
         Some("bw") => bw(&args),
+        Some("open") => open(&args),
         _ => {
-            eprintln!("usage: pingpong rtt [--iters N] [--size BYTES] | bw [--bytes N] [--reps R] [--chunk BYTES]");
+            eprintln!(
+                "usage: pingpong rtt [--iters N] [--size BYTES] \
+                 | bw [--bytes N] [--reps R] [--chunk BYTES | --message] \
+                 | open [--iters N] [--pause MS]"
+            );
             std::process::exit(2);
         }
     }
