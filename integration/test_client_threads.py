@@ -33,8 +33,8 @@ def thread_names() -> list[str]:
     for tid in os.listdir("/proc/self/task"):
         try:
             names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread exited between the listing and the read (ESRCH)
     return names
 
 

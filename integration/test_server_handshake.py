@@ -351,6 +351,40 @@ def test_pipelined_atoms_are_answered_in_order_with_complete_output(server):
     s.close()
 
 
+def test_silent_pipelined_atoms_are_all_answered_in_order(server):
+    # Results of silent atoms followed at once by another may be held back and
+    # sent together (src/server/session.rs, Held): none may be lost or reordered,
+    # including around a cancelled atom, an atom that prints, and a client that
+    # does not read for a while (6 MB of results: the socket fills, the rest queues).
+    s = wire.open_session(server.host, server.port, server.token)
+    n = 3000
+    sources = {i: (f"print({i}); {i}, bytes(2000)" if i % 1000 == 0 else f"{i}, bytes(2000)") for i in range(1, n + 1)}
+    s.main.send(b"".join(wire.eval_frame(i, src) for i, src in sources.items()) + wire.cancel(n))
+    time.sleep(1)
+    results = [s.main.read_kind(wire.RESULT) for _ in range(n)]
+    assert [r.request_id for r in results] == list(range(1, n + 1))
+    for r in results[:-1]:
+        assert r.decoded["ok"] and pickle.loads(r.decoded["value"]) == (r.request_id, bytes(2000))
+        assert r.decoded["ends_output"] == (r.request_id % 1000 != 0)
+    assert_healthy(s, n + 1)
+    s.close()
+
+
+def test_a_held_result_does_not_wait_for_a_slow_next_atom(server):
+    # Atom 2 is queued when atom 1 finishes, so atom 1's RESULT may be held to
+    # leave with atom 2's; while atom 2 runs, the pump sends it within its tick.
+    s = wire.open_session(server.host, server.port, server.token)
+    s.main.send(wire.eval_frame(1, "import time; time.sleep(0.3); 1") + wire.eval_frame(2, "import time; time.sleep(5); 2"))
+    start = time.monotonic()
+    first = s.main.read_kind(wire.RESULT, timeout=10)
+    waited = time.monotonic() - start
+    assert first.request_id == 1 and first.decoded["ok"]
+    assert waited < 3, f"atom 1's RESULT waited {waited:.1f} s, for atom 2 to finish"
+    second = s.main.read_kind(wire.RESULT, timeout=10)
+    assert second.request_id == 2 and time.monotonic() - start >= 5
+    s.close()
+
+
 @pytest.mark.parametrize("backend", ["subinterp", "fork"])
 def test_end_of_output_comes_only_for_atoms_that_wrote_output(server, backend):
     # An atom that wrote nothing has its output ended by its RESULT (flag

@@ -74,6 +74,15 @@ pub trait SessionSink: Send + Sync + 'static {
     /// The atom's value or exception. Every byte the atom wrote before it
     /// returned has been passed to `output`; no more output comes for it.
     fn finish(&self, atom: u64, result: AtomResult);
+    /// As `finish`, when the session's next atom starts at once on the same
+    /// executor: the sink may hold the result back to send it with later ones.
+    /// The engine calls `flush` when the session's atoms stop running back to
+    /// back, and the executor's pump while the next atom runs past its tick.
+    fn finish_with_more(&self, atom: u64, result: AtomResult) {
+        self.finish(atom, result);
+    }
+    /// Sends whatever `finish_with_more` held back.
+    fn flush(&self) {}
 }
 
 /// Shared handle to a sink.

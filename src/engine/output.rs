@@ -265,7 +265,7 @@ fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_atom = Instant::now();
     loop {
-        let fds = {
+        let (fds, sink) = {
             let mut s = lock(&slot);
             if s.stop {
                 return;
@@ -273,11 +273,11 @@ fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
             match &s.cur {
                 Some(a) => {
                     last_atom = Instant::now();
-                    Some(a.fds)
+                    (Some(a.fds), Some(a.sink.clone()))
                 }
                 None => {
                     s.sleeping = last_atom.elapsed() >= IDLE_SLEEP;
-                    None
+                    (None, None)
                 }
             }
         };
@@ -305,6 +305,12 @@ fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
         };
         // SAFETY: polling our array of three pollfds (fd -1 entries are ignored).
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout) };
+        // Awake while an atom runs (a tick, or its output): the results its
+        // session's earlier atoms left held (`SessionSink::finish_with_more`)
+        // wait no longer.
+        if let Some(sink) = sink {
+            sink.flush();
+        }
         if n <= 0 {
             continue; // the tick, or EINTR
         }

@@ -296,10 +296,13 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
             // More atoms wait. Keep the session while no other session waits
             // for an executor, and for at most a slice when one does.
             if !shared.runq_tx.is_empty() && slice.elapsed() >= SLICE {
+                core.sink.flush();
                 shared.schedule(Job::Run(core.clone()));
                 break;
             }
         }
+        // Its atoms no longer run back to back: nothing may stay held.
+        core.sink.flush();
     }
     drop(pump);
 }
@@ -527,17 +530,26 @@ fn execute(
     if timeout.is_some() {
         let _ = shared.watch_tx.send(WatchMsg::Disarm(serial));
     }
-    let reason = core.lock().running.as_ref().and_then(|r| r.reason);
+    let (reason, more) = {
+        let st = core.lock();
+        let reason = st.running.as_ref().and_then(|r| r.reason);
+        (
+            reason,
+            !st.closed && st.queue.front().is_some_and(|q| !q.cancelled),
+        )
+    };
     let outcome = outcome(req.id, raw, reason);
     let label = outcome.label();
-    core.sink.finish(
-        req.id,
-        AtomResult {
-            duration_us,
-            ends_output: false,
-            outcome,
-        },
-    );
+    let result = AtomResult {
+        duration_us,
+        ends_output: false,
+        outcome,
+    };
+    if more {
+        core.sink.finish_with_more(req.id, result);
+    } else {
+        core.sink.finish(req.id, result);
+    }
     if label == "error" {
         warn!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
     } else {

@@ -222,8 +222,9 @@ struct Answers {
 /// a non-blocking `send`, instead of waking the writer thread for it.
 struct Line {
     /// Held by whoever writes to the socket; the writer thread's buffer is
-    /// always flushed before it lets go.
-    gate: Mutex<()>,
+    /// always flushed before it lets go. Inside: frames held back to leave
+    /// with later ones, which whoever takes the gate to write sends first.
+    gate: Mutex<Held>,
     /// Frames put on the queue and not yet written (counted before the push):
     /// while any are, new frames queue behind them, so order is kept.
     queued: AtomicUsize,
@@ -231,10 +232,32 @@ struct Line {
     stream: OnceLock<TcpStream>,
 }
 
+/// RESULTs of atoms that another atom of the session follows at once on the
+/// same executor, held back so that a pipelined run of atoms answers in a few
+/// writes instead of one per atom (each write woke the client's session thread
+/// and cost the executor the whole loopback TCP path). Bounded by
+/// [`HOLD_FRAMES`] and [`HOLD_BYTES`]; the engine flushes them when the run
+/// ends, and the executor's pump when the next atom runs past its tick (~1 ms).
+#[derive(Default)]
+struct Held {
+    frames: Vec<Frame>,
+    bytes: usize,
+}
+
+impl Held {
+    fn take(&mut self) -> Vec<Frame> {
+        self.bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+}
+
+const HOLD_FRAMES: usize = 32;
+const HOLD_BYTES: usize = 64 * 1024;
+
 impl Line {
     fn new() -> Line {
         Line {
-            gate: Mutex::new(()),
+            gate: Mutex::new(Held::default()),
             queued: AtomicUsize::new(0),
             stream: OnceLock::new(),
         }
@@ -305,8 +328,9 @@ impl Session {
     }
 
     /// Sends the main-stream answer for `atom` once every earlier atom is
-    /// answered. Sends under the lock, so two answerers cannot reorder.
-    fn complete(&self, atom: u64, frame: Frame) {
+    /// answered. Sends under the lock, so two answerers cannot reorder. With
+    /// `hold`, the answers may wait for later ones (see [`Held`]).
+    fn complete(&self, atom: u64, frame: Frame, hold: bool) {
         let mut a = lock(&self.answers);
         if !a.live.contains(&atom) {
             // Not an accepted atom (e.g. answered already): pass it on unordered.
@@ -320,8 +344,26 @@ impl Session {
             };
             a.order.pop_front();
             a.live.remove(&head);
-            self.push_main(f);
+            self.push_on(&self.main_line, &self.main_tx, f, "main-stream", hold);
         }
+    }
+
+    /// Sends the main-stream frames held back, if any (see [`Held`]). Never
+    /// waits for the socket; never waits for the gate either: whoever holds it
+    /// sends the held frames before anything else.
+    fn flush_held(&self) {
+        let line = &self.main_line;
+        // In the order `complete` takes them: the frames this may queue must
+        // not be overtaken by a RESULT queued meanwhile.
+        let _answers = lock(&self.answers);
+        let Ok(mut held) = line.gate.try_lock() else {
+            return;
+        };
+        if held.frames.is_empty() {
+            return;
+        }
+        let frames = held.take();
+        self.send_now(line, held, frames, &self.main_tx, "main-stream");
     }
 
     /// Sends on a session queue, giving up when the session ends.
@@ -336,42 +378,81 @@ impl Session {
     }
 
     fn push_output(&self, frame: Frame) {
-        self.push_on(&self.out_line, &self.out_tx, frame, "output-stream");
+        self.push_on(&self.out_line, &self.out_tx, frame, "output-stream", false);
     }
 
     fn push_main(&self, frame: Frame) {
-        self.push_on(&self.main_line, &self.main_tx, frame, "main-stream");
+        self.push_on(&self.main_line, &self.main_tx, frame, "main-stream", false);
     }
 
     /// Writes `frame` to the socket at once if the stream's writer is idle and
-    /// nothing is queued; otherwise queues it for the writer thread.
-    fn push_on(&self, line: &Line, tx: &Sender<Frame>, frame: Frame, stream: &str) {
-        if self.send_direct(line, &frame, stream) {
-            return;
+    /// nothing is queued (with `hold`, possibly later: see [`Held`]); otherwise
+    /// queues it for the writer thread.
+    fn push_on(&self, line: &Line, tx: &Sender<Frame>, frame: Frame, stream: &str, hold: bool) {
+        if let Err(frame) = self.send_direct(line, frame, tx, stream, hold) {
+            line.queued.fetch_add(1, Ordering::SeqCst);
+            self.push(tx, frame);
         }
-        line.queued.fetch_add(1, Ordering::SeqCst);
-        self.push(tx, frame);
     }
 
-    /// The direct path: true if `frame` was written (or the stream failed, in
-    /// which case the session is ended). A frame the socket does not take at
-    /// all (client not reading: `EAGAIN`) is left to the queue, which is what
-    /// bounds memory and slows only this session; a frame it takes in part is
-    /// completed here, blocking, so frames never interleave.
-    fn send_direct(&self, line: &Line, frame: &Frame, stream: &str) -> bool {
-        if frame.payload_len() > DIRECT_MAX {
-            return false;
+    /// The direct path: Ok if `frame` was written, held, queued behind held
+    /// frames, or the stream failed (then the session is ended); Err gives it
+    /// back for the queue.
+    fn send_direct(
+        &self,
+        line: &Line,
+        frame: Frame,
+        tx: &Sender<Frame>,
+        stream: &str,
+        hold: bool,
+    ) -> Result<(), Frame> {
+        if frame.payload_len() > DIRECT_MAX || line.stream.get().is_none() {
+            return Err(frame);
         }
-        let Some(sock) = line.stream.get() else {
-            return false;
-        };
-        let Ok(_gate) = line.gate.try_lock() else {
-            return false;
+        let Ok(mut held) = line.gate.try_lock() else {
+            return Err(frame);
         };
         if line.queued.load(Ordering::SeqCst) != 0 || self.is_ended() {
-            return false;
+            return Err(frame);
         }
-        let bytes = frame.to_bytes();
+        let size = frame.payload_len() + protocol::frame::HEADER_SIZE;
+        if hold && held.frames.len() < HOLD_FRAMES && held.bytes + size <= HOLD_BYTES {
+            held.bytes += size;
+            held.frames.push(frame);
+            return Ok(());
+        }
+        let mut frames = held.take();
+        frames.push(frame);
+        self.send_now(line, held, frames, tx, stream);
+        Ok(())
+    }
+
+    /// Sends `frames` with one non-blocking `send`, holding the gate. What the
+    /// socket does not take at all (client not reading: `EAGAIN`) goes to the
+    /// queue, which is what bounds memory and slows only this session; a frame
+    /// it takes in part is completed here, blocking, so frames never interleave.
+    fn send_now(
+        &self,
+        line: &Line,
+        gate: MutexGuard<'_, Held>,
+        frames: Vec<Frame>,
+        tx: &Sender<Frame>,
+        stream: &str,
+    ) {
+        let Some(sock) = line.stream.get() else {
+            return;
+        };
+        let mut bytes = Vec::with_capacity(
+            frames
+                .iter()
+                .map(|f| f.payload_len() + protocol::frame::HEADER_SIZE)
+                .sum(),
+        );
+        let mut ends = Vec::with_capacity(frames.len());
+        for f in &frames {
+            bytes.extend_from_slice(&f.to_bytes());
+            ends.push(bytes.len());
+        }
         // SAFETY: a send from our buffer on a socket this session keeps open.
         let n = unsafe {
             libc::send(
@@ -381,25 +462,37 @@ impl Session {
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        if n <= 0 {
-            // EAGAIN: the queue takes it. A failed socket: the writer thread
-            // finds out on its next write and ends the session.
-            return false;
-        }
-        let n = n as usize;
-        if n < bytes.len() {
-            if let Err(e) = (&mut &*sock).write_all(&bytes[n..]) {
-                self.writer_failed(stream, protocol::Error::Io(e));
+        // EAGAIN or a failed socket: nothing was sent. The queue takes all; on a
+        // failed socket the writer thread finds out and ends the session.
+        let n = n.max(0) as usize;
+        let mut sent = ends.iter().position(|&end| end > n).unwrap_or(frames.len());
+        if sent < frames.len() {
+            let start = if sent == 0 { 0 } else { ends[sent - 1] };
+            if n > start {
+                // The frame the socket took in part is finished here.
+                if let Err(e) = (&mut &*sock).write_all(&bytes[n..ends[sent]]) {
+                    self.writer_failed(stream, protocol::Error::Io(e));
+                }
+                sent += 1;
             }
         }
-        true
+        let rest = frames.len() - sent;
+        if rest == 0 {
+            return;
+        }
+        // Counted before the gate is let go, so no direct write overtakes them.
+        line.queued.fetch_add(rest, Ordering::SeqCst);
+        drop(gate);
+        for f in frames.into_iter().skip(sent) {
+            self.push(tx, f);
+        }
     }
 
     /// Answers an accepted atom without running it: its RESULT in its turn,
     /// which also ends its (empty) output.
     fn answer_now(&self, atom: u64, mut result: AtomResult) {
         result.ends_output = true;
-        self.complete(atom, Message::Result(result).to_frame(atom));
+        self.complete(atom, Message::Result(result).to_frame(atom), false);
     }
 
     /// Refuses an atom that was not accepted: an ERROR with its id, at once
@@ -543,9 +636,13 @@ impl Session {
                 let Some(first) = next else {
                     break;
                 };
-                let _gate = lock(&line.gate);
+                let mut gate = lock(&line.gate);
                 let mut written = 1;
                 let batch = (|| -> protocol::Result<()> {
+                    // Held frames are older than anything queued.
+                    for f in gate.take() {
+                        w.write_frame(&f)?;
+                    }
                     w.write_frame(&first)?;
                     while let Ok(f) = main_rx.try_recv() {
                         written += 1;
@@ -556,7 +653,10 @@ impl Session {
                 line.queued.fetch_sub(written, Ordering::SeqCst);
                 batch?;
             }
-            let _gate = lock(&line.gate);
+            let mut gate = lock(&line.gate);
+            for f in gate.take() {
+                w.write_frame(&f)?;
+            }
             for f in main_rx.try_iter().take(MAIN_QUEUE) {
                 w.write_frame(&f)?;
             }
@@ -726,7 +826,23 @@ impl SessionSink for Sink {
 
     /// RESULT first (a round trip waits only for it), then END_OF_OUTPUT, or
     /// none when the atom wrote nothing and the RESULT says so.
-    fn finish(&self, atom: u64, mut result: AtomResult) {
+    fn finish(&self, atom: u64, result: AtomResult) {
+        self.answer(atom, result, false);
+    }
+
+    /// An atom that wrote nothing may have its RESULT held (see [`Held`]); one
+    /// that wrote output is answered at once, as its output's end waits for it.
+    fn finish_with_more(&self, atom: u64, result: AtomResult) {
+        self.answer(atom, result, true);
+    }
+
+    fn flush(&self) {
+        self.session.flush_held();
+    }
+}
+
+impl Sink {
+    fn answer(&self, atom: u64, mut result: AtomResult, more: bool) {
         let wrote = self.wrote_output.load(Ordering::Acquire) == atom;
         result.ends_output = !wrote;
         let mut frame = Message::Result(result).into_frame(atom);
@@ -748,7 +864,7 @@ impl SessionSink for Sink {
             })
             .to_frame(atom);
         }
-        self.session.complete(atom, frame);
+        self.session.complete(atom, frame, more && !wrote);
         if wrote {
             self.session
                 .push_output(Message::EndOfOutput.to_frame(atom));
