@@ -490,10 +490,16 @@ def test_a_function_pickle_is_reused_only_while_its_inputs_are_unchanged():
 
     ns = _main_namespace()
     calls = []
+    made = []
 
     def dumps(fn, oob):
         calls.append(fn)
-        return cloudpickle.dumps(fn, protocol=5)
+        made.append(cloudpickle.dumps(fn, protocol=5))
+        return made[-1]
+
+    def calls_result(calls, before):
+        assert len(calls) == before + 1, f"pickled {len(calls) - before} times, not once"
+        return made[-1]
 
     read_x, count = ns["read_x"], ns["count"]
     oob: list = []
@@ -506,15 +512,55 @@ def test_a_function_pickle_is_reused_only_while_its_inputs_are_unchanged():
     _fncache.pickled_function(count, oob, dumps)
     assert len(calls) == 4
 
+    # Every other input of the pickle, changed one at a time: pickled again once each.
+    default = ns["default"]
+
+    def set_attr(name, value):
+        return lambda: setattr(default, name, value)
+
+    changes = [
+        set_attr("__name__", "renamed"),
+        set_attr("__qualname__", "Renamed"),
+        set_attr("__doc__", "documented"),
+        set_attr("__defaults__", (2,)),
+        set_attr("__kwdefaults__", {"k": 1}),
+        set_attr("__kwdefaults__", {"k": 2}),
+        set_attr("__kwdefaults__", None),
+        lambda: ns.__setitem__("__file__", "script.py"),
+        lambda: ns.__setitem__("__package__", "pkg"),
+        set_attr("__code__", read_x.__code__),  # now also reads the global x
+        lambda: ns.__setitem__("x", 1001),
+    ]
+    _fncache.pickled_function(default, oob, dumps)
+    for change in changes:
+        before = len(calls)
+        change()
+        assert _fncache.pickled_function(default, oob, dumps) is calls_result(calls, before)
+        assert _fncache.pickled_function(default, oob, dumps) is calls_result(calls, before)
+    # A function attribute: cloudpickle pickles it too, so no reuse while it is set.
+    default.note = "x"
+    before = len(calls)
+    _fncache.pickled_function(default, oob, dumps)
+    _fncache.pickled_function(default, oob, dumps)
+    assert len(calls) == before + 2
+    calls_before_closure = len(calls)
+    get, put = ns["counter"]()
+    _fncache.pickled_function(get, oob, dumps)
+    _fncache.pickled_function(get, oob, dumps)
+    put(5)
+    _fncache.pickled_function(get, oob, dumps)
+    assert len(calls) == calls_before_closure + 2
+
     # A pickle that sent a buffer out of band refers to it by position: never reused.
     def dumps_with_buffer(fn, oob):
         oob.append(b"buffer")
         return dumps(fn, oob)
 
     ns["x"] = 2000
+    before = len(calls)
     _fncache.pickled_function(read_x, oob, dumps_with_buffer)
     _fncache.pickled_function(read_x, oob, dumps_with_buffer)
-    assert len(calls) == 6
+    assert len(calls) == before + 2
 
 
 def test_repeated_source_atoms_keep_their_meaning(session):
