@@ -534,6 +534,20 @@ impl PyConnection {
         };
         let b = buffers.as_ref().map(Pieces::slices).unwrap_or_default();
         let s = &self.inner;
+        if b.is_empty() {
+            // A small request only joins the outbox (no I/O): no need to let the
+            // GIL go, which cost more than the rest of the call while pipelining.
+            match s.queue(kind, &p, g.as_deref(), l.as_deref(), timeout_ms) {
+                Ok(Some((atom, due))) => {
+                    if due {
+                        py.detach(|| s.send_queued()).map_err(|e| to_pyerr(py, e))?;
+                    }
+                    return Ok(atom);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(to_pyerr(py, e)),
+            }
+        }
         py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b))
             .map_err(|e| to_pyerr(py, e))
     }
@@ -549,11 +563,14 @@ impl PyConnection {
     #[pyo3(signature = (atom, timeout=None))]
     fn wait(&self, py: Python<'_>, atom: u64, timeout: Option<f64>) -> PyResult<Option<PyOutcome>> {
         let s = &self.inner;
-        let done = blocking(py, seconds(timeout)?, |slice| {
-            match s.wait(atom, Some(slice)) {
-                Ok(None) => None,
-                other => Some(other),
-            }
+        let timeout = seconds(timeout)?;
+        // Already answered (a pipelined caller's usual case): no GIL hand-off.
+        if let Some(c) = s.completed(atom) {
+            return outcome(py, atom, &c).map(Some);
+        }
+        let done = blocking(py, timeout, |slice| match s.wait(atom, Some(slice)) {
+            Ok(None) => None,
+            other => Some(other),
         })?;
         match done {
             None => Ok(None),

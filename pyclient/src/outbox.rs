@@ -83,6 +83,22 @@ impl Outbox {
         send: Send,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<T, E>,
     ) -> Result<T, E> {
+        let (value, due) = self.queue(send, encode)?;
+        if due {
+            self.flush()?;
+        }
+        Ok(value)
+    }
+
+    /// [`Outbox::submit`] without the write: queues the request and says
+    /// whether it is due now (not corked, and no one holds the token), in
+    /// which case the caller must [`Outbox::flush`]. Never blocks on the
+    /// socket, so a caller may hold the GIL through it.
+    pub(crate) fn queue<T, E: From<io::Error>>(
+        &self,
+        send: Send,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<T, E>,
+    ) -> Result<(T, bool), E> {
         let mut q = self.lock();
         if q.closed {
             return Err(closed().into());
@@ -100,10 +116,7 @@ impl Outbox {
             q.unanswered += 1;
         }
         let corked = send == Send::Atom && earlier_unanswered && q.waiting.len() < FLUSH_AT;
-        if !q.writing && !corked {
-            self.send_waiting(q)?;
-        }
-        Ok(value)
+        Ok((value, !q.writing && !corked))
     }
 
     /// Sends a large atom with `write`, straight from the caller's memory,

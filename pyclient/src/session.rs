@@ -674,6 +674,74 @@ impl Session {
         timeout_ms: Option<u64>,
         buffers: &[&[u8]],
     ) -> Result<u64> {
+        let size = self.request_size(payload, globals, locals, buffers)?;
+        let write = |mut w: &mut dyn Write, atom: u64| {
+            pyproxy::protocol::write_eval(
+                &mut w, atom, kind, timeout_ms, globals, locals, payload, buffers,
+            )
+            .map_err(|e| io::Error::other(e.to_string()))
+        };
+        let sent = if size <= outbox::SMALL_REQUEST {
+            self.outbox.submit(outbox::Send::Atom, |buf| {
+                let atom = self.take_id()?;
+                write(buf, atom)?;
+                Ok(atom)
+            })
+        } else {
+            // Vectored, straight from the caller's buffers: no copy into a frame.
+            self.outbox.submit_large(
+                || self.take_id(),
+                |w, &atom| write(w, atom).and_then(|()| w.flush()),
+            )
+        };
+        self.sent(sent)
+    }
+
+    /// Like [`Session::submit_parts`] for a request small enough to wait in
+    /// the outbox, but never writes, so a caller may hold the GIL through it:
+    /// the atom's id, and whether the caller must now [`Session::send_queued`].
+    /// None (nothing done) for a request too large to wait.
+    pub fn queue(
+        &self,
+        kind: AtomKind,
+        payload: &[&[u8]],
+        globals: Option<&[&[u8]]>,
+        locals: Option<&[&[u8]]>,
+        timeout_ms: Option<u64>,
+    ) -> Result<Option<(u64, bool)>> {
+        if self.request_size(payload, globals, locals, &[])? > outbox::SMALL_REQUEST {
+            return Ok(None);
+        }
+        let queued = self.outbox.queue(outbox::Send::Atom, |buf| {
+            let atom = self.take_id()?;
+            pyproxy::protocol::write_eval(
+                buf,
+                atom,
+                kind,
+                timeout_ms,
+                globals,
+                locals,
+                payload,
+                &[],
+            )
+            .map_err(|e| io::Error::other(e.to_string()))?;
+            Ok(atom)
+        });
+        self.sent(queued).map(Some)
+    }
+
+    /// Writes what [`Session::queue`] left due (blocks on the socket).
+    pub fn send_queued(&self) -> Result<()> {
+        self.sent(self.outbox.flush().map_err(SubmitError::Io))
+    }
+
+    fn request_size(
+        &self,
+        payload: &[&[u8]],
+        globals: Option<&[&[u8]]>,
+        locals: Option<&[&[u8]]>,
+        buffers: &[&[u8]],
+    ) -> Result<usize> {
         let len = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>();
         let size = len(payload)
             + globals.map_or(0, len)
@@ -685,38 +753,28 @@ impl Session {
         if size + HEADER_SIZE > max as usize {
             return Err(ClientError::TooLarge { size, max });
         }
-        // The id is taken under the outbox's lock, so ids increase on the wire.
-        let take_id = || -> std::result::Result<u64, SubmitError> {
-            let mut st = self.shared.lock();
-            if st.dead.is_some() || self.shared.close_requested.load(Ordering::SeqCst) {
-                return Err(SubmitError::Client(self.closed_error(&st)));
-            }
-            let atom = st.next_atom;
-            st.next_atom += 1;
-            st.atoms.insert(atom, Slot::default());
-            st.atom_output.insert(atom, AtomOutput::default());
-            st.pending.insert(atom);
-            Ok(atom)
-        };
-        let write = |mut w: &mut dyn Write, atom: u64| {
-            pyproxy::protocol::write_eval(
-                &mut w, atom, kind, timeout_ms, globals, locals, payload, buffers,
-            )
-            .map_err(|e| io::Error::other(e.to_string()))
-        };
-        let sent = if size <= outbox::SMALL_REQUEST {
-            self.outbox.submit(outbox::Send::Atom, |buf| {
-                let atom = take_id()?;
-                write(buf, atom)?;
-                Ok(atom)
-            })
-        } else {
-            // Vectored, straight from the caller's buffers: no copy into a frame.
-            self.outbox
-                .submit_large(take_id, |w, &atom| write(w, atom).and_then(|()| w.flush()))
-        };
+        Ok(size)
+    }
+
+    /// A new atom's id and slot. Taken under the outbox's lock, so ids
+    /// increase on the wire.
+    fn take_id(&self) -> std::result::Result<u64, SubmitError> {
+        let mut st = self.shared.lock();
+        if st.dead.is_some() || self.shared.close_requested.load(Ordering::SeqCst) {
+            return Err(SubmitError::Client(self.closed_error(&st)));
+        }
+        let atom = st.next_atom;
+        st.next_atom += 1;
+        st.atoms.insert(atom, Slot::default());
+        st.atom_output.insert(atom, AtomOutput::default());
+        st.pending.insert(atom);
+        Ok(atom)
+    }
+
+    /// A failed write kills the session; the caller gets the session's error.
+    fn sent<T>(&self, sent: std::result::Result<T, SubmitError>) -> Result<T> {
         match sent {
-            Ok(atom) => Ok(atom),
+            Ok(v) => Ok(v),
             Err(SubmitError::Client(e)) => Err(e),
             Err(SubmitError::Io(e)) => {
                 self.fail_write(&e.to_string());
@@ -724,6 +782,12 @@ impl Session {
                 Err(self.closed_error(&st))
             }
         }
+    }
+
+    /// The atom's outcome if it has one now (no waiting, no sending).
+    pub fn completed(&self, atom: u64) -> Option<Arc<Completion>> {
+        let st = self.shared.lock();
+        st.atoms.get(&atom).and_then(|slot| slot.done.clone())
     }
 
     /// A write failed: the session is dead. Shut the socket so the reader
