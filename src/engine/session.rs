@@ -292,7 +292,12 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
     let anchor = Anchor::new();
     while let Some(Job::Run(core)) = next_job(&shared, &rx) {
         let slice = Instant::now();
-        while run_next(index, &shared, &core, &pump, &anchor) {
+        loop {
+            if !run_next(index, &shared, &core, &pump, &anchor) {
+                // Its atoms no longer run back to back: nothing may stay held.
+                core.sink.flush();
+                break;
+            }
             // More atoms wait. Keep the session while no other session waits
             // for an executor, and for at most a slice when one does.
             if !shared.runq_tx.is_empty() && slice.elapsed() >= SLICE {
@@ -301,8 +306,6 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
                 break;
             }
         }
-        // Its atoms no longer run back to back: nothing may stay held.
-        core.sink.flush();
     }
     drop(pump);
 }
