@@ -202,3 +202,45 @@ def _interp_of_session(server, session_id: int) -> str:
                 return re.search(r"interp: (\d+)", line).group(1)
         time.sleep(0.05)
     raise AssertionError(f"no `atom start` logged for session {session_id}")
+
+
+def test_a_function_loaded_after_a_reset_that_found_threads_running_is_not_kept(start_server):
+    # A reset that finds a thread of the session still running leaves the
+    # interpreter not pristine (the thread may change anything), so the next
+    # session's first function load is dropped at its reset like any other.
+    import wire
+
+    server = start_server(executors=1, warm_pool=1)
+    start_thread = "import threading, time\nthreading.Thread(target=time.sleep, args=(1.5,)).start()\n1"
+    checked = 0
+    for attempt in range(5):
+        # New bytes each attempt: an earlier attempt may have cached its function.
+        name = f"after_threads_{attempt}"
+        announcing = _announcing_function_pickle(name, 3)
+        sessions = []
+        for step in ("threads", "load", "again"):
+            s = wire.open_session(server.host, server.port, server.token)
+            try:
+                if step == "threads":
+                    _, result = s.run(1, start_thread)
+                    assert result.decoded["ok"], result
+                else:
+                    lines, result = s.run(1, announcing, kind=wire.FUNCTION)
+                    assert result.decoded["ok"], result
+                    printed = lines == [(1, f"loaded {name}")]
+                    assert printed or lines == [], lines
+                    sessions.append((step, printed))
+                    if step == "load":
+                        time.sleep(2)  # the thread ends before this session's reset
+                session_id = s.id
+            finally:
+                s.close()
+            sessions.append((step, _interp_of_session(server, session_id)))
+        interps = {interp for step, interp in sessions if isinstance(interp, str)}
+        if len(interps) == 1:
+            checked += 1
+            printed = dict((step, p) for step, p in sessions if isinstance(p, bool))
+            assert printed["load"], "the load after the threads' reset was not a fresh unpickle"
+            assert printed["again"], "a function loaded while a session's thread ran was kept across a reset"
+            break
+    assert checked, "the three sessions never shared an interpreter, so nothing was checked"
