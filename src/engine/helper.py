@@ -65,7 +65,7 @@ _snap = None
 _watch_dicts = None
 _changed_dicts = None
 _atexit_registered = []
-_FULL_GC_AFTER = 32
+_FULL_GC_AFTER = 128
 
 
 def _open_streams():
@@ -756,8 +756,11 @@ def reset():
     # The session's namespaces and functions are young cycles: collect the young
     # generations now (~2 µs) and everything once _FULL_GC_AFTER young collections
     # have run since the last full one: one per reset, more for a session that
-    # allocated a lot. A full collection costs ~2.5 ms, which every 8th reset
-    # made half of all reset time, and sessions may be waiting for resets (W7).
+    # allocated a lot. A full collection costs ~2.5-3 ms and sessions may be
+    # waiting for resets (W7: 1,000 of them, one after another on the pool
+    # thread); CPython's own thresholds still collect the old generation of a
+    # session that allocates much. W7's wall, eight alternated pairs: a full
+    # collection every 32nd reset 0.70-0.80 s, every 128th 0.63-0.79 s.
     _gc.collect(2 if _gc.get_count()[2] >= _FULL_GC_AFTER else 1)
 
     main = _threading.main_thread()
