@@ -13,7 +13,7 @@ from pyproxy import PyProxySession
 
 def test_five_thousand_sessions_in_turn_leave_rss_level(start_server):
     # Fixed sizes so the interpreter cap below (2 x warm pool + executors) holds anywhere.
-    server = start_server(executors=2, warm_pool=2)
+    server = start_server(executors=2, warm_pool=2, log_level="debug")
 
     def cycle(i: int) -> None:
         with PyProxySession(server.address, token=server.token).connect() as s:
@@ -51,7 +51,7 @@ def test_five_thousand_sessions_in_turn_leave_rss_level(start_server):
 def test_many_open_sessions_share_a_few_interpreters_and_never_see_each_other(start_server):
     # A session holds an interpreter only while it has atoms; when it goes idle the
     # interpreter is parked for it, and reset before any other session runs in it.
-    server = start_server(executors=2, warm_pool=2, log_level="info")
+    server = start_server(executors=2, warm_pool=2, log_level="debug")
     idle_rss_mb = server.rss_kb() / 1024
     count = 120
     sessions = [PyProxySession(server.address, token=server.token).connect() for _ in range(count)]
@@ -117,7 +117,7 @@ def test_a_sessions_python_threads_never_write_into_another_sessions_atoms(start
 def test_every_kind_of_change_to_a_module_is_undone_for_the_next_session(start_server):
     # reset() restores only the module dicts CPython reported as changed (dict
     # watchers, src/engine/dict_watch.rs): each way of changing one must be seen.
-    server = start_server(executors=1, warm_pool=1)
+    server = start_server(executors=1, warm_pool=1, log_level="debug")
     check_and_change = (
         "import json, builtins, re, sys, os\n"
         "seen = (json.dumps.__name__, hasattr(json, 'loads'), hasattr(json, 'added'),\n"
@@ -162,7 +162,7 @@ def test_a_function_first_loaded_in_a_fresh_interpreter_stays_cached_and_later_o
     # shaped by that session (a patched cloudpickle, say): reset drops it.
     import wire
 
-    server = start_server(executors=1, warm_pool=1)
+    server = start_server(executors=1, warm_pool=1, log_level="debug")
     first = _announcing_function_pickle("first", 1)
     later = _announcing_function_pickle("later", 2)
     seen_interps: set[str] = set()
@@ -210,7 +210,7 @@ def test_a_function_loaded_after_a_reset_that_found_threads_running_is_not_kept(
     # session's first function load is dropped at its reset like any other.
     import wire
 
-    server = start_server(executors=1, warm_pool=1)
+    server = start_server(executors=1, warm_pool=1, log_level="debug")
     start_thread = "import threading, time\nthreading.Thread(target=time.sleep, args=(1.5,)).start()\n1"
     checked = 0
     for attempt in range(5):

@@ -48,7 +48,9 @@ def test_session_ids_are_unique(server):
         s.close()
 
 
-def test_session_logs_arrive_as_log_frames(server):
+def test_session_logs_arrive_as_log_frames(start_server):
+    # At debug, so that the per-atom records (debug) come too.
+    server = start_server(log_level="debug")
     s = wire.open_session(server.host, server.port, server.token)
     s.main.send(wire.eval_frame(1, "2+2"))
     result = s.main.read_kind(wire.RESULT)
@@ -70,6 +72,18 @@ def test_session_logs_arrive_as_log_frames(server):
     assert server.token not in repr(logs)
     s.close()
     assert server.token not in server.log_text(), "the token never appears in the log"
+
+
+def test_at_the_default_level_atoms_send_no_log_records(server):
+    # Per-atom records are debug: at the default level (info) an atom costs no
+    # LOG frame (two per atom halved W2); the session's own records still come.
+    s = wire.open_session(server.host, server.port, server.token)
+    s.main.send(b"".join(wire.eval_frame(i, "2+2") for i in range(1, 4)))
+    assert [s.main.read_kind(wire.RESULT).request_id for _ in range(3)] == [1, 2, 3]
+    messages = [f.decoded["message"] for f in s.out.frames_for(1) if f.kind == wire.LOG]
+    assert "client connected" in messages, messages
+    assert not [m for m in messages if m.startswith("atom")], messages
+    s.close()
 
 
 def test_wrong_token_refused_and_existing_session_undisturbed(server):

@@ -503,7 +503,9 @@ fn execute(
 ) {
     let log = &core.log;
     let timeout = req.timeout.or(shared.config.default_timeout);
-    info!(log, "atom start"; "atom" => req.id, "kind" => ?req.kind, "interp" => interp.serial);
+    // Per atom: debug, not info. At info these two records, written to stderr
+    // and sent to the client as LOG frames, halved W2 and doubled W1.
+    debug!(log, "atom start"; "atom" => req.id, "kind" => ?req.kind, "interp" => interp.serial);
     let start = Instant::now();
     if let Some(t) = timeout {
         let _ = shared.watch_tx.send(WatchMsg::Arm {
@@ -556,7 +558,7 @@ fn execute(
     if label == "error" {
         warn!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
     } else {
-        info!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
+        debug!(log, "atom end"; "atom" => req.id, "duration_us" => duration_us, "outcome" => label);
     }
 }
 

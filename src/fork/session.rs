@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use slog::{info, warn, Logger};
+use slog::{debug, info, warn, Logger};
 
 use crate::engine::output::Splitter;
 use crate::engine::{AtomRequest, Sink};
@@ -337,7 +337,7 @@ impl Runner {
     fn start(&mut self, atom: AtomRequest) -> Option<Running> {
         let now = Instant::now();
         let timeout = atom.timeout.or(self.core.config.default_timeout);
-        info!(self.log, "atom start"; "atom" => atom.id);
+        debug!(self.log, "atom start"; "atom" => atom.id);
         if self.worker.is_none() {
             match ready_worker(&self.core, self.sandbox.as_deref()) {
                 Ok(w) => {
@@ -564,7 +564,7 @@ impl Runner {
         }
         self.deliver(r.id);
         let label = result.outcome.label();
-        info!(self.log, "atom end"; "atom" => r.id, "duration_us" => result.duration_us, "outcome" => label);
+        debug!(self.log, "atom end"; "atom" => r.id, "duration_us" => result.duration_us, "outcome" => label);
         self.sink.finish(r.id, result);
     }
 
