@@ -534,19 +534,17 @@ impl PyConnection {
         };
         let b = buffers.as_ref().map(Pieces::slices).unwrap_or_default();
         let s = &self.inner;
-        if b.is_empty() {
-            // A small request only joins the outbox (no I/O): no need to let the
-            // GIL go, which cost more than the rest of the call while pipelining.
-            match s.queue(kind, &p, g.as_deref(), l.as_deref(), timeout_ms) {
-                Ok(Some((atom, due))) => {
-                    if due {
-                        py.detach(|| s.send_queued()).map_err(|e| to_pyerr(py, e))?;
-                    }
-                    return Ok(atom);
+        // A small request only joins the outbox (no I/O): no need to let the
+        // GIL go, which cost more than the rest of the call while pipelining.
+        match s.queue(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b) {
+            Ok(Some((atom, due))) => {
+                if due {
+                    py.detach(|| s.send_queued()).map_err(|e| to_pyerr(py, e))?;
                 }
-                Ok(None) => {}
-                Err(e) => return Err(to_pyerr(py, e)),
+                return Ok(atom);
             }
+            Ok(None) => {}
+            Err(e) => return Err(to_pyerr(py, e)),
         }
         py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b))
             .map_err(|e| to_pyerr(py, e))

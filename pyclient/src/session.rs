@@ -674,33 +674,33 @@ impl Session {
         timeout_ms: Option<u64>,
         buffers: &[&[u8]],
     ) -> Result<u64> {
-        let size = self.request_size(payload, globals, locals, buffers)?;
-        let write = |mut w: &mut dyn Write, atom: u64| {
-            pyproxy::protocol::write_eval(
-                &mut w, atom, kind, timeout_ms, globals, locals, payload, buffers,
-            )
-            .map_err(|e| io::Error::other(e.to_string()))
-        };
-        let sent = if size <= outbox::SMALL_REQUEST {
-            self.outbox.submit(outbox::Send::Atom, |buf| {
-                let atom = self.take_id()?;
-                write(buf, atom)?;
-                Ok(atom)
-            })
-        } else {
-            // Vectored, straight from the caller's buffers: no copy into a frame.
-            self.outbox.submit_large(
-                || self.take_id(),
-                |w, &atom| write(w, atom).and_then(|()| w.flush()),
-            )
-        };
+        if let Some((atom, due)) =
+            self.queue(kind, payload, globals, locals, timeout_ms, buffers)?
+        {
+            if due {
+                self.send_queued()?;
+            }
+            return Ok(atom);
+        }
+        // Vectored, straight from the caller's buffers: no copy into a frame.
+        let sent = self.outbox.submit_large(
+            || self.take_id(),
+            |w, &atom| {
+                pyproxy::protocol::write_eval(
+                    w, atom, kind, timeout_ms, globals, locals, payload, buffers,
+                )
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|()| w.flush())
+            },
+        );
         self.sent(sent)
     }
 
-    /// Like [`Session::submit_parts`] for a request small enough to wait in
-    /// the outbox, but never writes, so a caller may hold the GIL through it:
-    /// the atom's id, and whether the caller must now [`Session::send_queued`].
-    /// None (nothing done) for a request too large to wait.
+    /// The queueing half of [`Session::submit_parts`], for a request small
+    /// enough to wait in the outbox (copied into it): never writes, so a
+    /// caller may hold the GIL through it. The atom's id, and whether the
+    /// caller must now [`Session::send_queued`]; None (nothing done) for a
+    /// request too large to wait.
     pub fn queue(
         &self,
         kind: AtomKind,
@@ -708,21 +708,15 @@ impl Session {
         globals: Option<&[&[u8]]>,
         locals: Option<&[&[u8]]>,
         timeout_ms: Option<u64>,
+        buffers: &[&[u8]],
     ) -> Result<Option<(u64, bool)>> {
-        if self.request_size(payload, globals, locals, &[])? > outbox::SMALL_REQUEST {
+        if self.request_size(payload, globals, locals, buffers)? > outbox::SMALL_REQUEST {
             return Ok(None);
         }
         let queued = self.outbox.queue(outbox::Send::Atom, |buf| {
             let atom = self.take_id()?;
             pyproxy::protocol::write_eval(
-                buf,
-                atom,
-                kind,
-                timeout_ms,
-                globals,
-                locals,
-                payload,
-                &[],
+                buf, atom, kind, timeout_ms, globals, locals, payload, buffers,
             )
             .map_err(|e| io::Error::other(e.to_string()))?;
             Ok(atom)
