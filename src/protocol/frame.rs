@@ -228,11 +228,17 @@ impl Frame {
     /// The whole frame as bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_SIZE + self.payload_len());
+        self.append_to(&mut out);
+        out
+    }
+
+    /// Appends the whole frame to `out` (several frames sent in one write).
+    pub fn append_to(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.header().format());
-        for part in self.payload_slices() {
+        out.extend_from_slice(&self.payload);
+        for part in &self.tail {
             out.extend_from_slice(part);
         }
-        out
     }
 }
 

@@ -450,7 +450,7 @@ impl Session {
         );
         let mut ends = Vec::with_capacity(frames.len());
         for f in &frames {
-            bytes.extend_from_slice(&f.to_bytes());
+            f.append_to(&mut bytes);
             ends.push(bytes.len());
         }
         // SAFETY: a send from our buffer on a socket this session keeps open.
