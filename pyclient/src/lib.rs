@@ -25,7 +25,7 @@ use pyproxy::protocol::{AtomKind, Outcome};
 
 use crate::error::ClientError;
 use crate::notify::Notifier;
-use crate::session::{Completion, ConnectOptions, Session};
+use crate::session::{Completion, ConnectOptions, EvalParts, Session};
 
 /// How long a blocking call sleeps without the GIL before it checks for signals.
 const SIGNAL_SLICE: Duration = Duration::from_millis(100);
@@ -536,7 +536,15 @@ impl PyConnection {
         let s = &self.inner;
         // A small request only joins the outbox (no I/O): no need to let the
         // GIL go, which cost more than the rest of the call while pipelining.
-        match s.queue(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b) {
+        let eval = EvalParts {
+            kind,
+            payload: &p,
+            globals: g.as_deref(),
+            locals: l.as_deref(),
+            timeout_ms,
+            buffers: &b,
+        };
+        match s.queue(&eval) {
             Ok(Some((atom, due))) => {
                 if due {
                     py.detach(|| s.send_queued()).map_err(|e| to_pyerr(py, e))?;
@@ -546,7 +554,7 @@ impl PyConnection {
             Ok(None) => {}
             Err(e) => return Err(to_pyerr(py, e)),
         }
-        py.detach(|| s.submit_parts(kind, &p, g.as_deref(), l.as_deref(), timeout_ms, &b))
+        py.detach(|| s.submit_parts(&eval))
             .map_err(|e| to_pyerr(py, e))
     }
 

@@ -291,6 +291,33 @@ impl From<io::Error> for SubmitError {
     }
 }
 
+/// An EVAL's fields, each as the pieces it is the concatenation of (written
+/// as they are: no copy for a large request).
+pub struct EvalParts<'a> {
+    pub kind: AtomKind,
+    pub payload: &'a [&'a [u8]],
+    pub globals: Option<&'a [&'a [u8]]>,
+    pub locals: Option<&'a [&'a [u8]]>,
+    pub timeout_ms: Option<u64>,
+    pub buffers: &'a [&'a [u8]],
+}
+
+impl EvalParts<'_> {
+    fn write(&self, w: &mut impl Write, atom: u64) -> io::Result<()> {
+        pyproxy::protocol::write_eval(
+            w,
+            atom,
+            self.kind,
+            self.timeout_ms,
+            self.globals,
+            self.locals,
+            self.payload,
+            self.buffers,
+        )
+        .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
 /// A connected session. Dropping it closes it.
 pub struct Session {
     pub info: SessionInfo,
@@ -653,30 +680,20 @@ impl Session {
         timeout_ms: Option<u64>,
     ) -> Result<u64> {
         let (g, l) = (globals.map(|g| [g]), locals.map(|l| [l]));
-        self.submit_parts(
+        self.submit_parts(&EvalParts {
             kind,
-            &[payload],
-            g.as_ref().map(|g| &g[..]),
-            l.as_ref().map(|l| &l[..]),
+            payload: &[payload],
+            globals: g.as_ref().map(|g| &g[..]),
+            locals: l.as_ref().map(|l| &l[..]),
             timeout_ms,
-            &[],
-        )
+            buffers: &[],
+        })
     }
 
     /// [`Session::submit`] with each field given as the pieces it is the
     /// concatenation of; the pieces are written to the socket as they are.
-    pub fn submit_parts(
-        &self,
-        kind: AtomKind,
-        payload: &[&[u8]],
-        globals: Option<&[&[u8]]>,
-        locals: Option<&[&[u8]]>,
-        timeout_ms: Option<u64>,
-        buffers: &[&[u8]],
-    ) -> Result<u64> {
-        if let Some((atom, due)) =
-            self.queue(kind, payload, globals, locals, timeout_ms, buffers)?
-        {
+    pub fn submit_parts(&self, eval: &EvalParts<'_>) -> Result<u64> {
+        if let Some((atom, due)) = self.queue(eval)? {
             if due {
                 self.send_queued()?;
             }
@@ -685,13 +702,7 @@ impl Session {
         // Vectored, straight from the caller's buffers: no copy into a frame.
         let sent = self.outbox.submit_large(
             || self.take_id(),
-            |w, &atom| {
-                pyproxy::protocol::write_eval(
-                    w, atom, kind, timeout_ms, globals, locals, payload, buffers,
-                )
-                .map_err(|e| io::Error::other(e.to_string()))
-                .and_then(|()| w.flush())
-            },
+            |w, &atom| eval.write(w, atom).and_then(|()| w.flush()),
         );
         self.sent(sent)
     }
@@ -701,24 +712,13 @@ impl Session {
     /// caller may hold the GIL through it. The atom's id, and whether the
     /// caller must now [`Session::send_queued`]; None (nothing done) for a
     /// request too large to wait.
-    pub fn queue(
-        &self,
-        kind: AtomKind,
-        payload: &[&[u8]],
-        globals: Option<&[&[u8]]>,
-        locals: Option<&[&[u8]]>,
-        timeout_ms: Option<u64>,
-        buffers: &[&[u8]],
-    ) -> Result<Option<(u64, bool)>> {
-        if self.request_size(payload, globals, locals, buffers)? > outbox::SMALL_REQUEST {
+    pub fn queue(&self, eval: &EvalParts<'_>) -> Result<Option<(u64, bool)>> {
+        if self.request_size(eval)? > outbox::SMALL_REQUEST {
             return Ok(None);
         }
         let queued = self.outbox.queue(outbox::Send::Atom, |buf| {
             let atom = self.take_id()?;
-            pyproxy::protocol::write_eval(
-                buf, atom, kind, timeout_ms, globals, locals, payload, buffers,
-            )
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            eval.write(buf, atom)?;
             Ok(atom)
         });
         self.sent(queued).map(Some)
@@ -729,19 +729,13 @@ impl Session {
         self.sent(self.outbox.flush().map_err(SubmitError::Io))
     }
 
-    fn request_size(
-        &self,
-        payload: &[&[u8]],
-        globals: Option<&[&[u8]]>,
-        locals: Option<&[&[u8]]>,
-        buffers: &[&[u8]],
-    ) -> Result<usize> {
+    fn request_size(&self, eval: &EvalParts<'_>) -> Result<usize> {
         let len = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>();
-        let size = len(payload)
-            + globals.map_or(0, len)
-            + locals.map_or(0, len)
-            + len(buffers)
-            + 4 * buffers.len()
+        let size = len(eval.payload)
+            + eval.globals.map_or(0, len)
+            + eval.locals.map_or(0, len)
+            + len(eval.buffers)
+            + 4 * eval.buffers.len()
             + 64;
         let max = self.info.limits.max_frame;
         if size + HEADER_SIZE > max as usize {
