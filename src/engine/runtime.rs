@@ -25,7 +25,7 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use slog::{error, info, o, warn, Logger};
+use slog::{debug, error, info, o, warn, Logger};
 
 use super::error::EngineError;
 use super::interp::Interp;
@@ -434,7 +434,8 @@ impl Engine {
             }
         }
         let key = self.session_keys.fetch_add(1, Ordering::Relaxed);
-        info!(log, "session opened"; "session_key" => key);
+        // Debug: the server logs the same event at info ("client connected").
+        debug!(log, "session opened"; "session_key" => key);
         let core = Arc::new(SessionCore::new(key, session_id, sink, log, shared.clone()));
         lock(&shared.sessions).insert(key, Arc::downgrade(&core));
         Ok(EngineSession::new(core))

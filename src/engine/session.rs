@@ -242,7 +242,13 @@ impl SessionCore {
             self.shared.recycle(interp);
         }
         self.shared.forget_session(self.key);
-        info!(self.log, "session closed"; "dropped_atoms" => dropped);
+        // The server logs the end at info ("session ended"); this adds only
+        // what was dropped, worth info when anything was.
+        if dropped > 0 {
+            info!(self.log, "session closed"; "dropped_atoms" => dropped);
+        } else {
+            debug!(self.log, "session closed"; "dropped_atoms" => dropped);
+        }
     }
 }
 

@@ -1193,7 +1193,7 @@ pub fn run_attach(
             return;
         }
     };
-    info!(session.log, "output-stream attached"; "peer" => &peer_text);
+    debug!(session.log, "output-stream attached"; "peer" => &peer_text);
     // Held until this thread returns: the owner's teardown waits for us.
     let _group = group;
     // The client never sends after ATTACH, so this read returns only when the
