@@ -242,6 +242,9 @@ struct Line {
 struct Held {
     frames: Vec<Frame>,
     bytes: usize,
+    /// The bytes of one send, kept between sends so that answering an atom
+    /// allocates nothing (at most [`KEEP_SEND_BUFFER`] of it is kept).
+    buf: Vec<u8>,
 }
 
 impl Held {
@@ -250,6 +253,8 @@ impl Held {
         std::mem::take(&mut self.frames)
     }
 }
+
+const KEEP_SEND_BUFFER: usize = 16 * 1024;
 
 const HOLD_FRAMES: usize = 32;
 const HOLD_BYTES: usize = 64 * 1024;
@@ -356,14 +361,13 @@ impl Session {
         // In the order `complete` takes them: the frames this may queue must
         // not be overtaken by a RESULT queued meanwhile.
         let _answers = lock(&self.answers);
-        let Ok(mut held) = line.gate.try_lock() else {
+        let Ok(held) = line.gate.try_lock() else {
             return;
         };
         if held.frames.is_empty() {
             return;
         }
-        let frames = held.take();
-        self.send_now(line, held, frames, &self.main_tx, "main-stream");
+        self.send_held(line, held, &self.main_tx, "main-stream");
     }
 
     /// Sends on a session queue, giving up when the session ends.
@@ -421,69 +425,73 @@ impl Session {
             held.frames.push(frame);
             return Ok(());
         }
-        let mut frames = held.take();
-        frames.push(frame);
-        self.send_now(line, held, frames, tx, stream);
+        held.frames.push(frame);
+        self.send_held(line, held, tx, stream);
         Ok(())
     }
 
-    /// Sends `frames` with one non-blocking `send`, holding the gate. What the
-    /// socket does not take at all (client not reading: `EAGAIN`) goes to the
-    /// queue, which is what bounds memory and slows only this session; a frame
-    /// it takes in part is completed here, blocking, so frames never interleave.
-    fn send_now(
+    /// Sends the frames in the gate with one non-blocking `send`, holding the
+    /// gate. What the socket does not take at all (client not reading:
+    /// `EAGAIN`) goes to the queue, which is what bounds memory and slows only
+    /// this session; a frame it takes in part is completed here, blocking, so
+    /// frames never interleave.
+    fn send_held(
         &self,
         line: &Line,
-        gate: MutexGuard<'_, Held>,
-        frames: Vec<Frame>,
+        mut gate: MutexGuard<'_, Held>,
         tx: &Sender<Frame>,
         stream: &str,
     ) {
         let Some(sock) = line.stream.get() else {
             return;
         };
-        let mut bytes = Vec::with_capacity(
-            frames
-                .iter()
-                .map(|f| f.payload_len() + protocol::frame::HEADER_SIZE)
-                .sum(),
-        );
-        let mut ends = Vec::with_capacity(frames.len());
-        for f in &frames {
-            f.append_to(&mut bytes);
-            ends.push(bytes.len());
+        let held = &mut *gate;
+        held.bytes = 0;
+        held.buf.clear();
+        for f in &held.frames {
+            f.append_to(&mut held.buf);
         }
         // SAFETY: a send from our buffer on a socket this session keeps open.
         let n = unsafe {
             libc::send(
                 sock.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
+                held.buf.as_ptr().cast(),
+                held.buf.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
         // EAGAIN or a failed socket: nothing was sent. The queue takes all; on a
         // failed socket the writer thread finds out and ends the session.
         let n = n.max(0) as usize;
-        let mut sent = ends.iter().position(|&end| end > n).unwrap_or(frames.len());
-        if sent < frames.len() {
-            let start = if sent == 0 { 0 } else { ends[sent - 1] };
-            if n > start {
-                // The frame the socket took in part is finished here.
-                if let Err(e) = (&mut &*sock).write_all(&bytes[n..ends[sent]]) {
-                    self.writer_failed(stream, protocol::Error::Io(e));
+        let (mut sent, mut end) = (0, 0);
+        for f in &held.frames {
+            let next = end + f.payload_len() + protocol::frame::HEADER_SIZE;
+            if next > n {
+                if n > end {
+                    // The frame the socket took in part is finished here.
+                    if let Err(e) = (&mut &*sock).write_all(&held.buf[n..next]) {
+                        self.writer_failed(stream, protocol::Error::Io(e));
+                    }
+                    sent += 1;
                 }
-                sent += 1;
+                break;
             }
+            end = next;
+            sent += 1;
         }
-        let rest = frames.len() - sent;
-        if rest == 0 {
+        if held.buf.capacity() > KEEP_SEND_BUFFER {
+            held.buf = Vec::new();
+        }
+        if sent == held.frames.len() {
+            held.frames.clear();
             return;
         }
+        let rest: Vec<Frame> = held.frames.drain(sent..).collect();
+        held.frames.clear();
         // Counted before the gate is let go, so no direct write overtakes them.
-        line.queued.fetch_add(rest, Ordering::SeqCst);
+        line.queued.fetch_add(rest.len(), Ordering::SeqCst);
         drop(gate);
-        for f in frames.into_iter().skip(sent) {
+        for f in rest {
             self.push(tx, f);
         }
     }
