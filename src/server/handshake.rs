@@ -207,17 +207,14 @@ pub enum HandshakeError {
     Io(crate::protocol::Error),
 }
 
-/// Sends CHALLENGE, reads the first frame and classifies it. On a refusal the
-/// ERROR frame is written and flushed before returning.
-pub fn first_exchange<R: Read, W: Write>(
+/// Reads the peer's first frame (after `challenger`'s CHALLENGE was sent) and
+/// classifies it. On a refusal the ERROR frame is written and flushed before
+/// returning.
+pub fn read_first<R: Read, W: Write>(
     challenger: &Challenger,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
 ) -> Result<FirstFrame, HandshakeError> {
-    writer
-        .write_frame(&challenger.challenge())
-        .and_then(|()| writer.flush())
-        .map_err(HandshakeError::Io)?;
     let frame = match reader.read_frame() {
         Ok(f) => f,
         Err(e @ crate::protocol::Error::Io(_))
@@ -266,7 +263,8 @@ mod tests {
         }
         let mut r = FrameReader::new(Cursor::new(bytes), PRE_AUTH_MAX_FRAME);
         let mut w = FrameWriter::new(Vec::new());
-        let out = first_exchange(ch, &mut r, &mut w);
+        w.write_frame(&ch.challenge()).unwrap();
+        let out = read_first(ch, &mut r, &mut w);
         let mut rr = FrameReader::new(Cursor::new(w.into_inner()), u32::MAX);
         let mut sent = Vec::new();
         while let Ok(f) = rr.read_frame() {

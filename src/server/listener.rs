@@ -10,6 +10,7 @@
 
 use std::io::{self, BufReader, BufWriter};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,9 +25,7 @@ use crate::protocol::{self, ErrorCode, ErrorMsg, FrameReader, FrameWriter, Messa
 
 use super::config::{Limits, ServerConfig, TokenSource};
 use super::error::ServerError;
-use super::handshake::{
-    first_exchange, Challenger, FirstFrame, HandshakeError, PRE_AUTH_MAX_FRAME,
-};
+use super::handshake::{read_first, Challenger, FirstFrame, HandshakeError, PRE_AUTH_MAX_FRAME};
 use super::logging::LogRoutes;
 use super::registry::{ConnSlot, Registry};
 use super::session::{self, EndReason};
@@ -322,9 +321,23 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
             );
             continue;
         };
+        let challenger = match Challenger::new(shared.token.clone()) {
+            Ok(c) => c.with_backends(&shared.backend.names()),
+            Err(e) => {
+                warn!(shared.log, "cannot draw a nonce"; "peer" => %peer, "error" => %e);
+                continue;
+            }
+        };
+        // The CHALLENGE leaves before the connection's thread exists, so the
+        // client computes its HELLO while that thread starts (in W5 it left
+        // ~0.1 ms earlier than from the new thread).
+        if let Err(e) = send_now(&stream, &challenger.challenge()) {
+            debug!(shared.log, "could not send CHALLENGE"; "peer" => %peer, "error" => %e);
+            continue;
+        }
         let sh = Arc::clone(shared);
         if let Err(e) = shared.spawn(format!("pyproxy-conn-{peer}"), None, move || {
-            handle_connection(&sh, stream, peer, slot)
+            handle_connection(&sh, stream, peer, slot, &challenger)
         }) {
             warn!(shared.log, "cannot start a connection thread"; "peer" => %peer, "error" => %e);
         }
@@ -332,8 +345,39 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
     debug!(shared.log, "accept thread stopped");
 }
 
-/// A new connection: CHALLENGE, then HELLO (main-stream) or ATTACH (output-stream).
-fn handle_connection(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
+/// Writes one frame to a fresh connection without blocking the accept thread:
+/// a peer that cannot take a few dozen bytes at once is dropped.
+fn send_now(stream: &TcpStream, frame: &protocol::Frame) -> io::Result<()> {
+    let mut bytes = Vec::new();
+    frame.append_to(&mut bytes);
+    // SAFETY: a send from our buffer on a socket we own.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match usize::try_from(n) {
+        Ok(n) if n == bytes.len() => Ok(()),
+        Ok(n) => Err(io::Error::other(format!(
+            "the socket took {n} of {} bytes",
+            bytes.len()
+        ))),
+        Err(_) => Err(io::Error::last_os_error()),
+    }
+}
+
+/// A new connection whose CHALLENGE was sent: HELLO (main-stream) or ATTACH
+/// (output-stream).
+fn handle_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnSlot,
+    challenger: &Challenger,
+) {
     let log = shared.log.new(o!("peer" => peer.to_string()));
     let _ = stream.set_nodelay(true);
     let deadline = Some(shared.limits.handshake_timeout).filter(|d| !d.is_zero());
@@ -349,16 +393,9 @@ fn handle_connection(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, 
     };
     let mut reader = FrameReader::new(BufReader::new(r), PRE_AUTH_MAX_FRAME);
     let mut writer = FrameWriter::new(BufWriter::new(w));
-    let challenger = match Challenger::new(shared.token.clone()) {
-        Ok(c) => c.with_backends(&shared.backend.names()),
-        Err(e) => {
-            warn!(log, "cannot draw a nonce"; "error" => %e);
-            return;
-        }
-    };
-    match first_exchange(&challenger, &mut reader, &mut writer) {
+    match read_first(challenger, &mut reader, &mut writer) {
         Ok(FirstFrame::Hello(hello)) => {
-            session::run_main(shared, stream, reader, writer, hello, &challenger, slot)
+            session::run_main(shared, stream, reader, writer, hello, challenger, slot)
         }
         Ok(FirstFrame::Attach(attach)) => {
             session::run_attach(shared, stream, reader, writer, attach, slot)

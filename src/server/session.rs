@@ -517,7 +517,7 @@ impl Session {
     }
 
     /// Binds the output-stream (already checked against the secret). Under the
-    /// state lock: sends ATTACHED, starts the output writer, submits the held atoms.
+    /// state lock: sends ATTACHED, submits the held atoms, starts the output writer.
     fn attach(
         self: &Arc<Self>,
         shared: &Shared,
@@ -558,6 +558,13 @@ impl Session {
         if let Ok(direct) = output.try_clone() {
             let _ = self.out_line.stream.set(direct);
         }
+        // The held atoms go before the writer starts: they need only the
+        // queue, and a thread start on their way cost W5 ~0.05 ms.
+        if let Some(engine) = lock(&self.engine).as_ref() {
+            for atom in held {
+                engine.submit(atom);
+            }
+        }
         let me = Arc::clone(self);
         let spawned = shared.spawn(
             format!("pyproxy-out-{}", self.id),
@@ -569,12 +576,6 @@ impl Session {
             self.end(EndReason::StreamError(format!(
                 "cannot start output writer: {e}"
             )));
-            return Ok(group);
-        }
-        if let Some(engine) = lock(&self.engine).as_ref() {
-            for atom in held {
-                engine.submit(atom);
-            }
         }
         Ok(group)
     }
