@@ -204,6 +204,11 @@ pub(crate) struct Start {
     pub wake: Arc<Pipe>,
     pub outbox: Arc<Outbox>,
     pub max_frame: u32,
+    /// The session id whose ATTACHED is still to come on output-stream: the
+    /// handshake sends ATTACH and returns without waiting for the answer (W5:
+    /// one round trip less before the first EVAL, which the server holds until
+    /// output-stream is attached).
+    pub attach_pending: Option<u64>,
 }
 
 /// The session's thread, started before the handshake so that its start-up
@@ -264,9 +269,15 @@ fn serve(start: Start) {
         wake,
         outbox,
         max_frame,
+        attach_pending,
     } = start;
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        run(&shared, &main, &out, &wake, &outbox, max_frame)
+        let streams = Streams {
+            main: &main,
+            out: &out,
+            wake: &wake,
+        };
+        run(&shared, streams, &outbox, max_frame, attach_pending)
     }));
     let mut cause = result.unwrap_or_else(|payload| {
         let text = payload
@@ -351,13 +362,19 @@ fn send_queued(outbox: &Outbox, sending: &mut Sending) -> Result<(), Cause> {
     Ok(())
 }
 
+/// What the session's thread polls.
+struct Streams<'a> {
+    main: &'a TcpStream,
+    out: &'a TcpStream,
+    wake: &'a Pipe,
+}
+
 fn run(
     shared: &Shared,
-    main: &TcpStream,
-    out: &TcpStream,
-    wake: &Pipe,
+    Streams { main, out, wake }: Streams<'_>,
     outbox: &Outbox,
     max_frame: u32,
+    mut attach_pending: Option<u64>,
 ) -> Cause {
     let mut inboxes = [Inbox::new("main-stream"), Inbox::new("output-stream")];
     let streams = [main, out];
@@ -446,7 +463,10 @@ fn run(
                 for (frame, decoded) in frames {
                     let routed = match decoded {
                         Some(msg) => route_main(&mut st, frame.request_id, msg),
-                        None => route_output(&mut st, frame).map(|()| false),
+                        None => match attach_pending.take() {
+                            Some(id) => attached(id, &frame).map(|()| false),
+                            None => route_output(&mut st, frame).map(|()| false),
+                        },
                     };
                     match routed {
                         Ok(completed) => answered += u64::from(completed),
@@ -515,6 +535,25 @@ fn route_main(st: &mut State, atom: u64, msg: Result<Message, Cause>) -> Result<
         }
     }
     Ok(true)
+}
+
+/// The first frame on output-stream, which answers the handshake's ATTACH.
+fn attached(session_id: u64, frame: &Frame) -> Result<(), Cause> {
+    match decode(frame, "output-stream")? {
+        Message::Attached { session_id: id } if id == session_id => Ok(()),
+        Message::Attached { session_id: id } => Err(Cause::Protocol(format!(
+            "output-stream was attached to session {id}, not {session_id}"
+        ))),
+        Message::Error(e) => Err(Cause::ServerError(format!(
+            "{} when output-stream attached: {}",
+            code_name(e.code),
+            e.message
+        ))),
+        other => Err(Cause::Protocol(format!(
+            "{} on output-stream before ATTACHED",
+            other.kind()
+        ))),
+    }
 }
 
 fn route_output(st: &mut State, frame: Frame) -> Result<(), Cause> {
@@ -691,6 +730,19 @@ pub(crate) mod tests {
         server_token: &str,
         client_token: Option<&str>,
     ) -> (Result<Session, ClientError>, Option<Peer>) {
+        session_answering_attach(
+            server_token,
+            client_token,
+            Message::Attached { session_id: 42 },
+        )
+    }
+
+    /// As `session_with`, the fake server answering ATTACH with `attach_answer`.
+    fn session_answering_attach(
+        server_token: &str,
+        client_token: Option<&str>,
+        attach_answer: Message,
+    ) -> (Result<Session, ClientError>, Option<Peer>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server_token = server_token.to_string();
@@ -781,7 +833,7 @@ pub(crate) mod tests {
                 panic!("expected ATTACH")
             };
             assert_eq!((a.session_id, a.secret), (42, [9; 32]));
-            peer_write(&out, Message::Attached { session_id: 42 });
+            peer_write(&out, attach_answer);
             Some(Peer { main, out })
         });
         let session = Session::connect(&options(port, client_token));
@@ -1034,6 +1086,49 @@ pub(crate) mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!s.reader_alive(), "the reader thread exits on its own");
+    }
+
+    /// `connect` returns once ATTACH is sent; the session's thread reads the
+    /// answer, and a refusal or a wrong session id ends the session with it.
+    #[test]
+    fn an_attach_answered_with_anything_but_our_attached_ends_the_session() {
+        let refused = Message::Error(ErrorMsg {
+            code: ErrorCode::AttachRefused,
+            message: "session 42 has ended".into(),
+        });
+        let cases = [
+            (
+                refused,
+                "ATTACH_REFUSED when output-stream attached: session 42 has ended",
+            ),
+            (
+                Message::Attached { session_id: 7 },
+                "output-stream was attached to session 7, not 42",
+            ),
+            (
+                Message::EndOfOutput,
+                "END_OF_OUTPUT on output-stream before ATTACHED",
+            ),
+        ];
+        for (answer, expected) in cases {
+            let (s, peer) = session_answering_attach(TOKEN, Some(TOKEN), answer);
+            let (s, _peer) = (
+                s.expect("connect does not wait for ATTACHED"),
+                peer.unwrap(),
+            );
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while !s.is_closed() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let cause = s.close_cause().expect("the session ended");
+            assert!(cause.contains(expected), "{cause}");
+            match s.submit(AtomKind::Source, b"1", None, None, None) {
+                Err(ClientError::SessionClosed { cause }) => {
+                    assert!(cause.contains(expected), "{cause}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

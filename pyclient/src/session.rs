@@ -554,7 +554,7 @@ impl Session {
             }
         }
 
-        // output-stream: CHALLENGE (ignored), ATTACH, ATTACHED.
+        // output-stream: CHALLENGE (ignored), ATTACH.
         match read_handshake_frame(
             &out,
             deadline,
@@ -575,29 +575,7 @@ impl Session {
             secret: welcome.attach_secret,
         });
         write_handshake(&out, &attach.to_frame(0), &address)?;
-        match read_handshake_frame(
-            &out,
-            deadline,
-            &address,
-            opts.connect_timeout,
-            "output-stream",
-        )? {
-            Message::Attached { session_id } if session_id == welcome.session_id => {}
-            Message::Attached { session_id } => {
-                return Err(ClientError::Protocol(format!(
-                    "the server at {address} attached output-stream to session {session_id}, \
-                     not {}",
-                    welcome.session_id
-                )))
-            }
-            Message::Error(e) => return Err(refused(e.code, e.message, opts, &address)),
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "the server at {address} answered ATTACH with {} instead of ATTACHED",
-                    other.kind()
-                )))
-            }
-        }
+        // ATTACHED is the session thread's to check (`reader::Start::attach_pending`).
 
         let io_err = |e: io::Error| ClientError::ConnectFailed {
             address: address.clone(),
@@ -619,7 +597,8 @@ impl Session {
         Session::start(info, main, out, thread).map_err(io_err)
     }
 
-    /// Starts the reader thread over two connected, attached streams.
+    /// Starts the reader thread over two connected streams; output-stream's
+    /// ATTACHED is still to come.
     pub(crate) fn start(
         info: SessionInfo,
         main: TcpStream,
@@ -648,6 +627,7 @@ impl Session {
             wake: wake.clone(),
             outbox: outbox.clone(),
             max_frame,
+            attach_pending: Some(info.session_id),
         };
         let thread = thread.start(start, info.session_id)?;
         Ok(Session {
