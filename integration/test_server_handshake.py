@@ -303,6 +303,46 @@ def test_closing_the_output_stream_ends_the_session(server):
     other.close()
 
 
+@pytest.mark.parametrize("with_attach", [True, False], ids=["in-attach-segment", "later"])
+def test_a_frame_on_the_output_stream_after_attach_ends_the_session(server, with_attach):
+    # The client never sends after ATTACH. Bytes that came in the same segment
+    # as ATTACH and bytes that come later take different paths on the server.
+    main, welcome = wire.handshake(server.host, server.port, server.token)
+    out = wire.Conn(server.host, server.port)
+    out.read_kind(wire.CHALLENGE)
+    attach = wire.attach(welcome["session_id"], welcome["attach_secret"])
+    if with_attach:
+        out.send(attach + wire.eval_frame(1, "5"))
+        out.read_kind(wire.ATTACHED)
+    else:
+        out.send(attach)
+        out.read_kind(wire.ATTACHED)
+        time.sleep(0.1)
+        out.send(wire.eval_frame(1, "5"))
+    err = out.read_kind(wire.ERROR)
+    assert err.decoded["code"] == wire.UNEXPECTED, err
+    assert "EVAL on the output-stream" in err.decoded["message"], err
+    assert out.is_closed() and main.is_closed(), "the whole session ends"
+    other = wire.open_session(server.host, server.port, server.token)
+    assert_healthy(other, 1)
+    other.close()
+
+
+def test_a_session_runs_on_at_most_three_server_threads(start_server):
+    # Owner, main writer, output writer. Closes of output-streams are watched
+    # by one thread for all sessions. A fresh server: no pooled idle threads.
+    server = start_server()
+    time.sleep(0.3)
+    baseline = server.threads()
+    sessions = [wire.open_session(server.host, server.port, server.token) for _ in range(10)]
+    for s in sessions:
+        assert_healthy(s, 1)
+    grown = server.threads() - baseline
+    assert grown <= 3 * len(sessions), f"{grown} more threads for {len(sessions)} sessions"
+    for s in sessions:
+        s.close()
+
+
 @pytest.mark.parametrize("n", [20])
 def test_session_threads_are_released(server, n):
     warm = wire.open_session(server.host, server.port, server.token)

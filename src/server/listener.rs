@@ -27,6 +27,7 @@ use super::config::{Limits, ServerConfig, TokenSource};
 use super::error::ServerError;
 use super::handshake::{read_first, Challenger, FirstFrame, HandshakeError, PRE_AUTH_MAX_FRAME};
 use super::logging::LogRoutes;
+use super::out_watch::OutWatch;
 use super::registry::{ConnSlot, Registry};
 use super::session::{self, EndReason};
 use super::threads::{GroupHandle, ThreadGroup};
@@ -49,6 +50,8 @@ pub struct Shared {
     pub limits: Limits,
     pub log: Logger,
     pub routes: Arc<LogRoutes>,
+    /// Watches every attached output-stream for the client closing it.
+    pub out_watch: Arc<OutWatch>,
     /// Taken at shutdown so the server's thread group can end.
     threads: Mutex<Option<GroupHandle>>,
     stopping: AtomicBool,
@@ -139,6 +142,7 @@ impl Server {
             limits: config.limits.clone(),
             log,
             routes,
+            out_watch: Arc::new(OutWatch::new()?),
             threads: Mutex::new(Some(group.handle())),
             stopping: AtomicBool::new(false),
             debug: std::env::var_os("PYPROXY_DEBUG").is_some_and(|v| !v.is_empty() && v != "0"),
@@ -176,6 +180,9 @@ impl Server {
         self.shared.spawn("pyproxy-accept".into(), None, move || {
             accept_loop(&sh, listener)
         })?;
+        let watch = Arc::clone(&self.shared.out_watch);
+        self.shared
+            .spawn("pyproxy-outwatch".into(), None, move || watch.run())?;
         info!(log, "listening";
             "address" => %self.local_addr,
             "auth" => self.shared.token.is_some(),
@@ -244,6 +251,8 @@ impl Server {
             s.end(EndReason::ServerShutdown);
         }
         drop(sessions);
+        // Every session is ending: a closed output-stream changes nothing now.
+        self.shared.out_watch.stop();
         // From here no new thread can start, so the group can end.
         self.shared
             .threads

@@ -18,6 +18,7 @@ pub mod error;
 pub mod handshake;
 pub mod listener;
 pub mod logging;
+pub mod out_watch;
 pub mod registry;
 pub mod session;
 pub mod threads;

@@ -12,8 +12,12 @@
 //! Threads of a session (all counted in its [`ThreadGroup`]):
 //! - owner: reads main-stream frames; ends at the first end reason.
 //! - main writer: `main_rx` → main-stream (WELCOME is written before it starts).
-//! - output writer: output and log queues → output-stream, GOODBYE last; spawned at ATTACH.
-//! - output watcher: the output-stream's connection thread, reading to detect a close.
+//! - output writer: output and log queues → output-stream, GOODBYE last; the
+//!   output-stream's connection thread, from ATTACH on.
+//!
+//! The output-stream's close is noticed by the server's one [`OutWatch`](super::out_watch::OutWatch)
+//! thread (an `epoll` set over every attached output-stream), which ends the
+//! session.
 //!
 //! The writer threads carry only what cannot be written at once: a sink call
 //! (on an engine thread) sends a small frame straight to the socket when the
@@ -49,6 +53,7 @@ use crate::protocol::{
 use super::handshake::Challenger;
 use super::listener::Shared;
 use super::logging::LOG_QUEUE;
+use super::out_watch::Stirred;
 use super::registry::{AttachRefused, ConnSlot};
 use super::threads::{GroupHandle, Never, ThreadGroup};
 use super::BackendSession;
@@ -64,6 +69,14 @@ const LINGER: Duration = Duration::from_secs(2);
 const THREAD_WAIT: Duration = Duration::from_secs(10);
 
 type Reader = FrameReader<BufReader<TcpStream>>;
+
+/// What the output-stream's connection thread writes once attached.
+struct OutputWriter {
+    writer: Writer,
+    out_rx: Receiver<Frame>,
+    log_rx: Receiver<Frame>,
+    goodbye_rx: Receiver<Frame>,
+}
 type Writer = FrameWriter<BufWriter<TcpStream>>;
 
 /// Why a session ended. The first reason recorded wins.
@@ -517,13 +530,16 @@ impl Session {
     }
 
     /// Binds the output-stream (already checked against the secret). Under the
-    /// state lock: sends ATTACHED, submits the held atoms, starts the output writer.
+    /// state lock: sends ATTACHED, submits the held atoms, has the stream
+    /// watched for a close. Returns the session's group and, unless the
+    /// session ended meanwhile, what the calling thread then writes as the
+    /// session's output writer.
     fn attach(
         self: &Arc<Self>,
         shared: &Shared,
         output: &TcpStream,
         mut writer: Writer,
-    ) -> Result<GroupHandle, AttachRefused> {
+    ) -> Result<(GroupHandle, Option<OutputWriter>), AttachRefused> {
         let mut state = lock(&self.state);
         if self.is_ended() {
             return Err(AttachRefused::UnknownSession);
@@ -553,41 +569,103 @@ impl Session {
         if let Err(e) = writer.write_frame(&attached).and_then(|()| writer.flush()) {
             drop(state);
             self.end(EndReason::StreamError(format!("writing ATTACHED: {e}")));
-            return Ok(group);
+            return Ok((group, None));
         }
-        if let Ok(direct) = output.try_clone() {
+        let watched = output.try_clone().and_then(|direct| {
+            let fd = direct.as_raw_fd();
             let _ = self.out_line.stream.set(direct);
+            shared.out_watch.watch(self, fd)
+        });
+        if let Err(e) = watched {
+            drop(state);
+            self.end(EndReason::StreamError(format!(
+                "cannot watch the output-stream: {e}"
+            )));
+            return Ok((group, None));
         }
-        // The held atoms go before the writer starts: they need only the
-        // queue, and a thread start on their way cost W5 ~0.05 ms.
         if let Some(engine) = lock(&self.engine).as_ref() {
             for atom in held {
                 engine.submit(atom);
             }
         }
-        let me = Arc::clone(self);
-        let spawned = shared.spawn(
-            format!("pyproxy-out-{}", self.id),
-            Some(&group),
-            move || me.output_writer(writer, out_rx, log_rx, goodbye_rx),
-        );
-        if let Err(e) = spawned {
-            drop(state);
-            self.end(EndReason::StreamError(format!(
-                "cannot start output writer: {e}"
-            )));
+        let output_writer = OutputWriter {
+            writer,
+            out_rx,
+            log_rx,
+            goodbye_rx,
+        };
+        Ok((group, Some(output_writer)))
+    }
+
+    /// The client sent on its output-stream after ATTACH (`bytes` begin what it sent).
+    fn client_sent_on_output(&self, bytes: &[u8]) {
+        let what = match bytes.get(4).map(|&k| protocol::Kind::try_from(k)) {
+            Some(Ok(kind)) => format!("{kind}"),
+            _ => "bytes".to_owned(),
+        };
+        let message =
+            format!("{what} on the output-stream: it carries no client frames after ATTACH");
+        warn!(self.log, "closing session after a protocol error"; "error" => &message);
+        let err = Message::Error(ErrorMsg {
+            code: ErrorCode::UnexpectedMessage,
+            message: message.clone(),
+        })
+        .to_frame(0);
+        let _ = self.goodbye_tx.try_send(err);
+        self.end(EndReason::ProtocolError(message));
+    }
+
+    /// The output-stream's file descriptor, once attached (open until the session is dropped).
+    pub fn output_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.out_line.stream.get().map(AsRawFd::as_raw_fd)
+    }
+
+    /// The output-stream became readable (see [`OutWatch`](super::out_watch::OutWatch)): the client closed
+    /// it, or sent on it, which it must not do after ATTACH. Either ends the session.
+    pub fn output_stream_stirred(&self) -> Stirred {
+        let Some(stream) = self.out_line.stream.get() else {
+            return Stirred::Nothing;
+        };
+        let mut buf = [0u8; protocol::frame::HEADER_SIZE];
+        // SAFETY: a non-blocking read into our buffer from a socket this session keeps open.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => self.end(EndReason::OutputStreamClosed),
+            Ok(n) => self.client_sent_on_output(&buf[..n]),
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {
+                        return Stirred::Nothing
+                    }
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+                        self.end(EndReason::OutputStreamClosed)
+                    }
+                    _ if self.is_ended() => {}
+                    _ => self.end(EndReason::StreamError(format!(
+                        "reading output-stream: {e}"
+                    ))),
+                }
+            }
         }
-        Ok(group)
+        Stirred::Ended
     }
 
     /// Writes the output-stream's queues until the session ends, then what is left.
-    fn output_writer(
-        self: Arc<Self>,
-        mut w: Writer,
-        out_rx: Receiver<Frame>,
-        log_rx: Receiver<Frame>,
-        goodbye_rx: Receiver<Frame>,
-    ) {
+    fn output_writer(&self, queues: OutputWriter) {
+        let OutputWriter {
+            writer: mut w,
+            out_rx,
+            log_rx,
+            goodbye_rx,
+        } = queues;
         let line = &self.out_line;
         let result = (|| -> protocol::Result<()> {
             loop {
@@ -1115,7 +1193,7 @@ fn protocol_error(session: &Session, code: ErrorCode, message: String) {
 
 /// Tears a session down in a fixed order (traced with PYPROXY_DEBUG=1):
 /// 1. seal: unregister (never attachable again), drop held atoms and unread queues;
-/// 2. close the read sides, so the output watcher returns;
+/// 2. close the read sides; the output-stream is no longer watched;
 /// 3. let the writers drain what was queued (bounded by LINGER), then cut the sockets;
 /// 4. close the engine session: queued atoms dropped, a running atom interrupted;
 /// 5. wait for the session's threads, forget its log route.
@@ -1126,7 +1204,10 @@ fn teardown(shared: &Shared, session: &Arc<Session>, group: &mut ThreadGroup, ma
     session.trace("1 seal: unregister, drop held atoms and queues");
     shared.registry.remove(session.id);
     let output = session.seal();
-    session.trace("2 close read sides");
+    session.trace("2 close read sides, stop watching the output-stream");
+    if let Some(fd) = session.output_fd() {
+        shared.out_watch.forget(session.id, fd);
+    }
     let _ = main.shutdown(Shutdown::Read);
     if let Some(o) = &output {
         let _ = o.shutdown(Shutdown::Read);
@@ -1163,12 +1244,13 @@ fn teardown(shared: &Shared, session: &Arc<Session>, group: &mut ThreadGroup, ma
     shared.routes.remove(session.id);
 }
 
-/// Runs an output-stream after its ATTACH: checks it, binds it, then watches
-/// the socket until it closes (which ends the session) or the session ends.
+/// Runs an output-stream after its ATTACH: checks it, binds it, then is the
+/// session's output writer until the session ends. The stream's closing is
+/// noticed by the server's [`OutWatch`](super::out_watch::OutWatch) thread, which ends the session.
 pub fn run_attach(
     shared: &Arc<Shared>,
     stream: TcpStream,
-    mut reader: Reader,
+    reader: Reader,
     mut writer: Writer,
     attach: protocol::Attach,
     slot: ConnSlot,
@@ -1183,7 +1265,7 @@ pub fn run_attach(
         Err(why) => return refuse_attach(shared, &mut writer, attach.session_id, &peer_text, why),
     };
     // From here the stream may wait on a slow client for as long as it likes
-    // (back-pressure), and the watcher blocks until the stream closes.
+    // (back-pressure).
     if let Err(e) = stream
         .set_read_timeout(None)
         .and_then(|()| stream.set_write_timeout(None))
@@ -1191,8 +1273,8 @@ pub fn run_attach(
         info!(shared.log, "attach failed"; "peer" => &peer_text, "error" => %e);
         return;
     }
-    let group = match session.attach(shared, &stream, writer) {
-        Ok(g) => g,
+    let (group, output_writer) = match session.attach(shared, &stream, writer) {
+        Ok(attached) => attached,
         Err(why) => {
             // The writer was consumed; answer on a fresh one.
             if let Ok(s) = stream.try_clone() {
@@ -1205,31 +1287,13 @@ pub fn run_attach(
     debug!(session.log, "output-stream attached"; "peer" => &peer_text);
     // Held until this thread returns: the owner's teardown waits for us.
     let _group = group;
-    // The client never sends after ATTACH, so this read returns only when the
-    // stream closes, fails, or the client breaks the protocol.
-    match reader.read_frame() {
-        Ok(frame) => {
-            let message = format!(
-                "{} on the output-stream: it carries no client frames after ATTACH",
-                frame.kind
-            );
-            warn!(session.log, "closing session after a protocol error"; "error" => &message);
-            let err = Message::Error(ErrorMsg {
-                code: ErrorCode::UnexpectedMessage,
-                message: message.clone(),
-            })
-            .to_frame(0);
-            let _ = session.goodbye_tx.try_send(err);
-            session.end(EndReason::ProtocolError(message));
-        }
-        Err(e) if e.is_disconnect() => session.end(EndReason::OutputStreamClosed),
-        Err(e) => {
-            if !session.is_ended() {
-                session.end(EndReason::StreamError(format!(
-                    "reading output-stream: {e}"
-                )));
-            }
-        }
+    // What came with ATTACH in the same read is past the watcher's reach.
+    let early = reader.get_ref().buffer();
+    if !early.is_empty() {
+        session.client_sent_on_output(early);
+    }
+    if let Some(w) = output_writer {
+        session.output_writer(w);
     }
     drop(slot);
 }
