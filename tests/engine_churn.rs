@@ -48,9 +48,10 @@ fn five_thousand_sessions_rss_levels_off() {
     let at = |n: u64| rss.iter().find(|(i, _)| *i == n).unwrap().1;
     let (r1000, r5000) = (at(1000), at(5000));
     // Re-creating interpreters would add 1.6–4.8 MB per session (6+ GB here).
-    // Allow a little allocator noise, nothing that grows with the session count.
+    // Allow allocator noise (runs here moved by up to 9 MiB between samples;
+    // 8 MiB of slack failed once), nothing that grows with the session count.
     assert!(
-        r5000 <= r1000 + 8 * 1024,
+        r5000 <= r1000 + 32 * 1024,
         "RSS grew from {r1000} KiB after 1000 sessions to {r5000} KiB after 5000"
     );
     engine.shutdown(std::time::Duration::from_secs(5));
