@@ -11,7 +11,8 @@
 //!
 //! Threads of a session (all counted in its [`ThreadGroup`]):
 //! - owner: reads main-stream frames; ends at the first end reason.
-//! - main writer: `main_rx` → main-stream (WELCOME is written before it starts).
+//! - main writer: `main_rx` → main-stream; started when a frame first has to
+//!   queue (most sessions never need it).
 //! - output writer: output and log queues → output-stream, GOODBYE last; the
 //!   output-stream's connection thread, from ATTACH on.
 //!
@@ -37,7 +38,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{bounded, unbounded, Receiver, Sender};
@@ -69,6 +70,16 @@ const LINGER: Duration = Duration::from_secs(2);
 const THREAD_WAIT: Duration = Duration::from_secs(10);
 
 type Reader = FrameReader<BufReader<TcpStream>>;
+
+/// What starting the main writer takes. Most sessions never start it: their
+/// answers leave directly ([`Line`]), and a thread per session fewer is what
+/// W7's thousand sessions and every session's start (a thread hand-off) save.
+struct MainWriterStart {
+    writer: Writer,
+    rx: Receiver<Frame>,
+    group: GroupHandle,
+    shared: Weak<Shared>,
+}
 
 /// What the output-stream's connection thread writes once attached.
 struct OutputWriter {
@@ -166,6 +177,10 @@ pub struct Session {
     main_tx: Sender<Frame>,
     out_line: Line,
     main_line: Line,
+    /// The main writer's start, until a frame first has to queue for it.
+    main_writer: Mutex<Option<MainWriterStart>>,
+    /// This session, for the thread [`Session::start_main_writer`] starts.
+    me: Weak<Session>,
     /// The server is shutting down: new atoms are refused.
     draining: AtomicBool,
     max_frame: u32,
@@ -325,6 +340,7 @@ impl Session {
     /// Tells the client why on the main-stream (ERROR, request id 0), then ends the session.
     pub fn fail(&self, code: ErrorCode, message: String, reason: EndReason) {
         self.main_line.queued.fetch_add(1, Ordering::SeqCst);
+        self.start_main_writer();
         if self
             .main_tx
             .try_send(Message::Error(ErrorMsg { code, message }).to_frame(0))
@@ -408,7 +424,37 @@ impl Session {
     fn push_on(&self, line: &Line, tx: &Sender<Frame>, frame: Frame, stream: &str, hold: bool) {
         if let Err(frame) = self.send_direct(line, frame, tx, stream, hold) {
             line.queued.fetch_add(1, Ordering::SeqCst);
+            self.writer_for(line);
             self.push(tx, frame);
+        }
+    }
+
+    /// Makes sure the writer of `line` runs before a frame queues for it.
+    fn writer_for(&self, line: &Line) {
+        if std::ptr::eq(line, &self.main_line) {
+            self.start_main_writer();
+        }
+    }
+
+    /// Starts the main writer, once; a failed start ends the session.
+    fn start_main_writer(&self) {
+        let Some(start) = lock(&self.main_writer).take() else {
+            return;
+        };
+        let (Some(me), Some(shared)) = (self.me.upgrade(), start.shared.upgrade()) else {
+            return;
+        };
+        let MainWriterStart {
+            writer, rx, group, ..
+        } = start;
+        if let Err(e) = shared.spawn(
+            format!("pyproxy-main-{}", self.id),
+            Some(&group),
+            move || me.main_writer(writer, rx),
+        ) {
+            self.end(EndReason::StreamError(format!(
+                "cannot start main writer: {e}"
+            )));
         }
     }
 
@@ -504,6 +550,7 @@ impl Session {
         // Counted before the gate is let go, so no direct write overtakes them.
         line.queued.fetch_add(rest.len(), Ordering::SeqCst);
         drop(gate);
+        self.writer_for(line);
         for f in rest {
             self.push(tx, f);
         }
@@ -1016,7 +1063,7 @@ pub fn run_main(
     let (ended_tx, ended_rx) = bounded(0);
     let mut group = ThreadGroup::new();
     let now = Instant::now();
-    let session = Arc::new(Session {
+    let session = Arc::new_cyclic(|me| Session {
         id,
         secret,
         peer,
@@ -1041,6 +1088,8 @@ pub fn run_main(
         main_tx,
         out_line: Line::new(),
         main_line: Line::new(),
+        main_writer: Mutex::new(None),
+        me: me.clone(),
         draining: AtomicBool::new(false),
         max_frame: limits.max_frame,
         max_pipelined: limits.max_pipelined,
@@ -1103,16 +1152,12 @@ pub fn run_main(
                     "client_python" => &hello.python_version,
                     "client_implementation" => &hello.implementation,
                     "backend" => &backend);
-                let me = Arc::clone(&session);
-                if let Err(e) = shared.spawn(
-                    format!("pyproxy-main-{id}"),
-                    Some(&group.handle()),
-                    move || me.main_writer(writer, main_rx),
-                ) {
-                    session.end(EndReason::StreamError(format!(
-                        "cannot start main writer: {e}"
-                    )));
-                }
+                *lock(&session.main_writer) = Some(MainWriterStart {
+                    writer,
+                    rx: main_rx,
+                    group: group.handle(),
+                    shared: Arc::downgrade(shared),
+                });
                 reader.set_max_frame(shared.limits.max_frame);
                 reader.set_frame_timeout(shared.limits.frame_timeout);
                 read_requests(&session, &mut reader);
@@ -1204,6 +1249,9 @@ fn teardown(shared: &Shared, session: &Arc<Session>, group: &mut ThreadGroup, ma
     session.trace("1 seal: unregister, drop held atoms and queues");
     shared.registry.remove(session.id);
     let output = session.seal();
+    // A main writer never started never will (the session has ended): its
+    // start holds a member of the group this teardown waits for.
+    drop(lock(&session.main_writer).take());
     session.trace("2 close read sides, stop watching the output-stream");
     if let Some(fd) = session.output_fd() {
         shared.out_watch.forget(session.id, fd);
@@ -1213,6 +1261,8 @@ fn teardown(shared: &Shared, session: &Arc<Session>, group: &mut ThreadGroup, ma
         let _ = o.shutdown(Shutdown::Read);
     }
     session.trace("3 drain writers, then close write sides");
+    // Held answers go now; a running main writer would send them first anyway.
+    session.flush_held();
     let lingered = group.wait_until(Instant::now() + LINGER);
     let _ = main.shutdown(Shutdown::Both);
     if let Some(o) = &output {
