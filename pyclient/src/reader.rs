@@ -198,6 +198,7 @@ impl Inbox {
 
 /// What the session's thread needs once the handshake is done.
 pub(crate) struct Start {
+    pub session_id: u64,
     pub shared: Arc<Shared>,
     pub main: TcpStream,
     pub out: TcpStream,
@@ -211,10 +212,10 @@ pub(crate) struct Start {
     pub attach_pending: Option<u64>,
 }
 
-/// The session's thread, started before the handshake so that its start-up
-/// (0.2–0.3 ms on the machines we measured) overlaps the network round trips
-/// instead of delaying the session's first result. Dropping it unused ends
-/// the thread and waits for it.
+/// The session's thread, started while the server accepts the two streams and
+/// sends CHALLENGE, so that its start-up overlaps that wait instead of
+/// delaying the session's first result. Dropping it unused ends the thread
+/// and waits for it.
 pub(crate) struct Prestarted {
     tx: Option<std::sync::mpsc::SyncSender<Start>>,
     handle: Option<JoinHandle<()>>,
@@ -236,11 +237,10 @@ impl Prestarted {
         })
     }
 
-    /// Hands the connected session to the thread, named `pyproxy-<session id>`.
-    pub(crate) fn start(mut self, start: Start, session_id: u64) -> io::Result<JoinHandle<()>> {
+    /// Hands the connected session to the thread, which names itself
+    /// `pyproxy-<session id>` (cheaper on its own thread than from here).
+    pub(crate) fn start(mut self, start: Start) -> io::Result<JoinHandle<()>> {
         let handle = self.handle.take().expect("started once");
-        // Named from here, so the name is in place when `connect` returns.
-        name_thread(&handle, &format!("pyproxy-{session_id}"));
         let tx = self.tx.take().expect("started once");
         if tx.send(start).is_err() {
             let _ = handle.join();
@@ -263,6 +263,7 @@ impl Drop for Prestarted {
 
 fn serve(start: Start) {
     let Start {
+        session_id,
         shared,
         main,
         out,
@@ -271,6 +272,7 @@ fn serve(start: Start) {
         max_frame,
         attach_pending,
     } = start;
+    name_this_thread(&format!("pyproxy-{session_id}"));
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         let streams = Streams {
             main: &main,
@@ -297,17 +299,15 @@ fn serve(start: Start) {
     outbox.close();
 }
 
-/// Names a thread, so `/proc/self/task/*/comm` and debuggers show whose it is
-/// (the kernel keeps 15 bytes).
-fn name_thread(handle: &JoinHandle<()>, name: &str) {
-    use std::os::unix::thread::JoinHandleExt;
+/// Names the calling thread, so `/proc/self/task/*/comm` and debuggers show
+/// whose it is (the kernel keeps 15 bytes).
+fn name_this_thread(name: &str) {
     let mut buf = [0u8; 16];
     let n = name.len().min(15);
     buf[..n].copy_from_slice(&name.as_bytes()[..n]);
-    // SAFETY: the thread is alive (it waits for its start, or runs); the name
-    // is a NUL-terminated string of at most 16 bytes.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe {
-        libc::pthread_setname_np(handle.as_pthread_t(), buf.as_ptr().cast());
+        libc::prctl(libc::PR_SET_NAME, buf.as_ptr());
     }
 }
 

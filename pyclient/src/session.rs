@@ -451,11 +451,6 @@ impl Session {
             format!("{}:{}", opts.host, opts.port)
         };
 
-        let thread = reader::Prestarted::spawn().map_err(|e| ClientError::ConnectFailed {
-            address: address.clone(),
-            reason: format!("could not start the session's thread: {e}"),
-        })?;
-
         // main-stream: CHALLENGE, HELLO, WELCOME.
         let main = connect_tcp(opts, deadline, &address)?;
         let peer = main.peer_addr().map_err(|e| ClientError::ConnectFailed {
@@ -471,6 +466,12 @@ impl Session {
         .map_err(|e| ClientError::ConnectFailed {
             address: address.clone(),
             reason: format!("could not open output-stream to {peer}: {e}"),
+        })?;
+        // Started while the server accepts and sends CHALLENGE, which takes
+        // longer than starting a thread: off the way to the first result.
+        let thread = reader::Prestarted::spawn().map_err(|e| ClientError::ConnectFailed {
+            address: address.clone(),
+            reason: format!("could not start the session's thread: {e}"),
         })?;
         let challenge = match read_handshake_frame(
             &main,
@@ -621,6 +622,7 @@ impl Session {
         // Frames from the server may be as large as the ones it accepts.
         let max_frame = info.limits.max_frame.max(DEFAULT_MAX_FRAME);
         let start = reader::Start {
+            session_id: info.session_id,
             shared: shared.clone(),
             main,
             out,
@@ -629,7 +631,7 @@ impl Session {
             max_frame,
             attach_pending: Some(info.session_id),
         };
-        let thread = thread.start(start, info.session_id)?;
+        let thread = thread.start(start)?;
         Ok(Session {
             info,
             shared,
