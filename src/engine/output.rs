@@ -25,6 +25,7 @@
 //! such a piece, and an atom's final partial line, is the last thing in its
 //! `output` call and carries no `\n` (no byte is ever added or dropped).
 
+use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -143,6 +144,9 @@ pub(crate) struct Pump {
     wake_w: OwnedFd,
     thread: Option<JoinHandle<()>>,
     max_line: usize,
+    /// `finish`'s read buffer, kept: zeroing a fresh one per atom was ~2.5 %
+    /// of an executor's time in W2.
+    scratch: RefCell<Vec<u8>>,
 }
 
 fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -173,6 +177,7 @@ impl Pump {
             wake_w,
             thread: Some(thread),
             max_line,
+            scratch: RefCell::new(vec![0u8; 16 * 1024]),
         })
     }
 
@@ -205,7 +210,7 @@ impl Pump {
         let Some(mut a) = lock(&self.slot).cur.take() else {
             return;
         };
-        let mut buf = [0u8; 16 * 1024];
+        let mut buf = self.scratch.borrow_mut();
         for i in 0..2 {
             a.read(i, &mut buf, true);
             a.split[i].finish();
