@@ -127,6 +127,7 @@ impl Interruption {
     }
 }
 
+mod arena_cache;
 mod dict_watch;
 mod error;
 mod huge_alloc;

@@ -460,6 +460,7 @@ pub(crate) fn initialize(python_env: Option<&Path>) -> Result<usize, EngineError
         }
         let exe = executable(python_env)?;
         super::huge_alloc::install();
+        super::arena_cache::install();
         let mut config: ffi::PyConfig = std::mem::zeroed();
         ffi::PyConfig_InitPythonConfig(&mut config);
         config.install_signal_handlers = 0;
