@@ -71,6 +71,8 @@ pub(crate) struct SessionCore {
 /// Work for the executors.
 pub(crate) enum Job {
     Run(Arc<SessionCore>),
+    /// Poll for the next job a while ([`Shared::nudge`]).
+    Poll,
     Stop,
 }
 
@@ -296,7 +298,17 @@ impl Drop for EngineSession {
 /// One executor thread: its index (for per-interpreter thread states) and pump.
 pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>, pump: Pump) {
     let anchor = Anchor::new();
-    while let Some(Job::Run(core)) = next_job(&shared, &rx) {
+    let mut spin = shared.config.idle_spin;
+    loop {
+        let core = match next_job(&shared, &rx, spin) {
+            Some(Job::Run(core)) => core,
+            Some(Job::Poll) => {
+                spin = shared.nudged();
+                continue;
+            }
+            Some(Job::Stop) | None => break,
+        };
+        spin = shared.config.idle_spin;
         let slice = Instant::now();
         loop {
             if !run_next(index, &shared, &core, &pump, &anchor) {
@@ -316,14 +328,13 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
     drop(pump);
 }
 
-/// The next job. One idle executor at a time polls for up to `idle_spin`
-/// before it sleeps on the run queue: a client that sends its next atom right
+/// The next job. One idle executor at a time polls for up to `spin`
+/// (`--idle-spin`, or longer after a session opened) before it sleeps on the run queue: a client that sends its next atom right
 /// after a result then finds an executor awake, handed the session directly
 /// ([`Shared::schedule`]), which saves a thread wake-up (25–30 µs on a VM)
 /// per round trip. It yields between polls, so a thread with work on this
 /// core runs at once.
-fn next_job(shared: &Shared, rx: &Receiver<Job>) -> Option<Job> {
-    let spin = shared.config.idle_spin;
+fn next_job(shared: &Shared, rx: &Receiver<Job>, spin: Duration) -> Option<Job> {
     if !spin.is_zero() && shared.start_polling() {
         let start = Instant::now();
         loop {
