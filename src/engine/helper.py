@@ -490,12 +490,21 @@ def _function_from_parts(parts):
     return fn
 
 
-def _load_function(payload, taken, pristine):
+def _cached_function(payload):
+    """The cached parts of the function pickled as `payload`; None if not cached,
+    False if it was found not to be copyable."""
     if type(payload) is not bytes:
-        return taken.loads(payload)
+        return None
     parts = _FUNCTION_CACHE.get(payload)
     if parts is None:
         parts = _PRISTINE_FUNCTIONS.get(payload)
+    return parts
+
+
+def _load_function(payload, taken, pristine):
+    if type(payload) is not bytes:
+        return taken.loads(payload)
+    parts = _cached_function(payload)
     if parts:
         return _function_from_parts(parts)
     before = taken._next
@@ -571,6 +580,11 @@ def _run(kind, payload, gbytes, lbytes, take, count):
     # ran before it: not an earlier atom, nor this atom's globals or locals.
     pristine = _pristine and gbytes is None and lbytes is None
     _pristine = False
+    if kind == _FUNCTION and gbytes is None and lbytes is None and not count:
+        # The common function atom, already cached: a fresh copy, called.
+        parts = _cached_function(payload)
+        if parts:
+            return _function_from_parts(parts)()
     ns = {"__builtins__": _builtins, "__name__": "__main__"}
     taken = _Buffers(take, count)
     g = taken.loads(gbytes) if gbytes is not None else None
