@@ -205,11 +205,6 @@ pub(crate) struct Start {
     pub wake: Arc<Pipe>,
     pub outbox: Arc<Outbox>,
     pub max_frame: u32,
-    /// The session id whose ATTACHED is still to come on output-stream: the
-    /// handshake sends ATTACH and returns without waiting for the answer (W5:
-    /// one round trip less before the first EVAL, which the server holds until
-    /// output-stream is attached).
-    pub attach_pending: Option<u64>,
 }
 
 /// The session's thread, started while the server accepts the two streams and
@@ -270,7 +265,6 @@ fn serve(start: Start) {
         wake,
         outbox,
         max_frame,
-        attach_pending,
     } = start;
     name_this_thread(&format!("pyproxy-{session_id}"));
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -279,7 +273,7 @@ fn serve(start: Start) {
             out: &out,
             wake: &wake,
         };
-        run(&shared, streams, &outbox, max_frame, attach_pending)
+        run(&shared, streams, &outbox, max_frame, session_id)
     }));
     let mut cause = result.unwrap_or_else(|payload| {
         let text = payload
@@ -374,8 +368,12 @@ fn run(
     Streams { main, out, wake }: Streams<'_>,
     outbox: &Outbox,
     max_frame: u32,
-    mut attach_pending: Option<u64>,
+    session_id: u64,
 ) -> Cause {
+    // The handshake sent ATTACH and returned without waiting for its answer
+    // (W5: one round trip less before the first EVAL, which the server holds
+    // until output-stream is attached): it is output-stream's first frame.
+    let mut attach_pending = Some(session_id);
     let mut inboxes = [Inbox::new("main-stream"), Inbox::new("output-stream")];
     let streams = [main, out];
     let mut scratch = vec![0u8; READ_SIZE];

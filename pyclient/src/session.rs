@@ -576,7 +576,7 @@ impl Session {
             secret: welcome.attach_secret,
         });
         write_handshake(&out, &attach.to_frame(0), &address)?;
-        // ATTACHED is the session thread's to check (`reader::Start::attach_pending`).
+        // ATTACHED is the session thread's to check (`reader::run`).
 
         let io_err = |e: io::Error| ClientError::ConnectFailed {
             address: address.clone(),
@@ -629,7 +629,6 @@ impl Session {
             wake: wake.clone(),
             outbox: outbox.clone(),
             max_frame,
-            attach_pending: Some(info.session_id),
         };
         let thread = thread.start(start)?;
         Ok(Session {

@@ -154,7 +154,7 @@ impl Shared {
     }
 
     /// How long an executor that took a `Job::Poll` polls.
-    pub(crate) fn nudged(&self) -> Duration {
+    pub(crate) fn take_nudge(&self) -> Duration {
         lock(&self.handoff).nudged = false;
         OPEN_SPIN
     }

@@ -303,7 +303,7 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
         let core = match next_job(&shared, &rx, spin) {
             Some(Job::Run(core)) => core,
             Some(Job::Poll) => {
-                spin = shared.nudged();
+                spin = shared.take_nudge();
                 continue;
             }
             Some(Job::Stop) | None => break,
