@@ -339,7 +339,9 @@ def test_a_session_whose_answers_fit_runs_on_two_server_threads(start_server):
     for s in sessions:
         assert_healthy(s, 1)
     grown = server.threads() - baseline
-    assert grown <= 2 * len(sessions), f"{grown} more threads for {len(sessions)} sessions"
+    # Two of slack for a thread the server starts for itself meanwhile; four
+    # threads a session (the previous design) would be 40.
+    assert grown <= 2 * len(sessions) + 2, f"{grown} more threads for {len(sessions)} sessions"
     for s in sessions:
         s.close()
 
