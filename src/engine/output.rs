@@ -127,6 +127,15 @@ impl Splitter {
 /// and go: an atom attached without waking the pump is noticed within this
 /// time (its output streams from then on; before, it waits in the pipe).
 const POLL_TICK: libc::c_int = 1;
+/// After a read that found less than `COALESCE_BELOW` bytes, the pump lets
+/// the pipes fill for `COALESCE` before it polls again. A print loop then
+/// costs one pump wake-up (and one OUTPUT frame, one wake-up of the writer and
+/// of the client) per millisecond instead of per line: in W3 those hand-offs
+/// took the CPU time the client's other threads wait for (W6). A line after a
+/// quiet spell is still read at once; a writer faster than `COALESCE_BELOW`
+/// per `COALESCE` never waits for the sleep (its reads are large).
+const COALESCE_BELOW: usize = 32 * 1024;
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
 /// After this long without an atom the pump sleeps until an attach wakes it.
 const IDLE_SLEEP: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -238,8 +247,8 @@ struct Attached {
 
 impl Attached {
     /// Reads what `fd_index`'s pipe holds (up to about a batch, or everything if
-    /// `all`); returns false once the pipe is empty.
-    fn read(&mut self, i: usize, buf: &mut [u8], all: bool) -> bool {
+    /// `all`); returns how many bytes it read.
+    fn read(&mut self, i: usize, buf: &mut [u8], all: bool) -> usize {
         let mut got = 0;
         loop {
             // SAFETY: reading into our buffer from a non-blocking fd.
@@ -248,14 +257,14 @@ impl Attached {
                 self.split[i].feed(&buf[..n as usize]);
                 got += n as usize;
                 if !all && got >= BATCH {
-                    return true;
+                    return got;
                 }
                 continue;
             }
             if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return false;
+            return got;
         }
     }
 
@@ -332,14 +341,19 @@ fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
         // The executor may have finished that atom and attached another since
         // the poll: read only if these are still the attached atom's pipes, so
         // its `finish` (which takes the slot first) sees every byte in order.
+        let mut got = 0;
         let mut s = lock(&slot);
         if let Some(a) = s.cur.as_mut().filter(|a| Some(a.fds) == fds) {
             for i in 0..2 {
                 if pfds[i + 1].revents != 0 {
-                    a.read(i, &mut buf, false);
+                    got += a.read(i, &mut buf, false);
                     a.deliver(i);
                 }
             }
+        }
+        drop(s);
+        if got > 0 && got < COALESCE_BELOW {
+            std::thread::sleep(COALESCE);
         }
     }
 }
