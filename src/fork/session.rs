@@ -177,6 +177,8 @@ pub(crate) fn open(
             Splitter::new(core.config.max_line),
             Splitter::new(core.config.max_line),
         ],
+        buf: vec![0u8; READ_CHUNK],
+        pipes_rest_until: None,
     };
     let thread = std::thread::Builder::new()
         .name(format!("pyproxy-fork-{session_id}"))
@@ -278,10 +280,21 @@ struct Runner {
     worker: Option<Worker>,
     sandbox: Option<PathBuf>,
     split: [Splitter; 2],
+    /// `read_pipe`'s buffer, kept rather than zeroed per read.
+    buf: Vec<u8>,
+    /// Until then the output pipes are left out of `poll` (see `COALESCE`).
+    pipes_rest_until: Option<Instant>,
 }
 
 /// How much is read from a pipe per wake-up while an atom runs.
 const READ_CHUNK: usize = 64 * 1024;
+/// After a wake-up that read less than `COALESCE_BELOW` bytes of output, the
+/// pipes are left to fill for `COALESCE` (the result and the wake pipe are
+/// still polled): a print loop costs one wake-up of this thread, of the
+/// output writer and of the client per millisecond rather than per line, as
+/// for the sub-interpreter backend's pump (`engine::output`).
+const COALESCE_BELOW: usize = 32 * 1024;
+const COALESCE: Duration = Duration::from_millis(1);
 
 impl Runner {
     fn run(mut self) {
@@ -394,13 +407,15 @@ impl Runner {
             events: libc::POLLIN,
             revents: 0,
         }];
+        let now = Instant::now();
+        let rest = self.pipes_rest_until.filter(|&t| t > now);
         if let Some(w) = &self.worker {
             fds.push(libc::pollfd {
                 fd: w.ctl.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
-            if cur.is_some() {
+            if cur.is_some() && rest.is_none() {
                 for fd in &w.out {
                     fds.push(libc::pollfd {
                         fd: fd.as_raw_fd(),
@@ -410,7 +425,6 @@ impl Runner {
                 }
             }
         }
-        let now = Instant::now();
         let timer = cur.as_ref().and_then(|r| {
             match (
                 r.interrupted.is_none().then_some(r.deadline).flatten(),
@@ -420,9 +434,17 @@ impl Runner {
                 (a, b) => a.or(b),
             }
         });
-        let timeout_ms = timer.map_or(-1, |t| {
+        let mut timeout_ms = timer.map_or(-1, |t| {
             t.saturating_duration_since(now).as_millis().min(3_600_000) as i32 + 1
         });
+        if let Some(t) = rest {
+            let left = t.saturating_duration_since(now).as_millis() as i32 + 1;
+            timeout_ms = if timeout_ms < 0 {
+                left
+            } else {
+                timeout_ms.min(left)
+            };
+        }
         // SAFETY: fds is a live array of pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 {
@@ -437,10 +459,14 @@ impl Runner {
         }
         if let Some(r) = cur.as_ref() {
             let id = r.id;
+            let mut got = 0;
             for i in 0..2 {
                 if fds.get(2 + i).is_some_and(|f| f.revents != 0) {
-                    self.read_pipe(i, Some(READ_CHUNK), id);
+                    got += self.read_pipe(i, Some(READ_CHUNK), id);
                 }
+            }
+            if got > 0 && got < COALESCE_BELOW {
+                self.pipes_rest_until = Some(Instant::now() + COALESCE);
             }
         }
         if fds.get(1).is_some_and(|f| f.revents != 0) {
@@ -633,26 +659,25 @@ impl Runner {
 
     /// Reads pipe `i` and hands whole lines to the sink as `atom`'s output:
     /// up to `limit` bytes, or until the pipe is empty (`EAGAIN`) or at EOF
-    /// when `limit` is `None`.
-    fn read_pipe(&mut self, i: usize, limit: Option<usize>, atom: u64) {
-        let Some(w) = &self.worker else { return };
+    /// when `limit` is `None`. Returns how many bytes it read.
+    fn read_pipe(&mut self, i: usize, limit: Option<usize>, atom: u64) -> usize {
+        let Some(w) = &self.worker else { return 0 };
         let fd = w.out[i].as_raw_fd();
-        let mut buf = vec![0u8; READ_CHUNK];
         let mut total = 0;
         loop {
             // SAFETY: reading into our buffer from our nonblocking pipe.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { libc::read(fd, self.buf.as_mut_ptr().cast(), self.buf.len()) };
             if n <= 0 {
                 if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return;
+                return total;
             }
-            self.split[i].feed(&buf[..n as usize]);
+            self.split[i].feed(&self.buf[..n as usize]);
             self.deliver_fd(atom, i);
             total += n as usize;
             if limit.is_some_and(|l| total >= l) {
-                return;
+                return total;
             }
         }
     }
