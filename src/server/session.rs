@@ -609,6 +609,14 @@ impl Session {
         else {
             unreachable!("checked above")
         };
+        // The held atoms start before ATTACHED is written and the stream is
+        // watched (W5: ~50 µs sooner). Their output still follows ATTACHED:
+        // it queues for the output writer, which starts after this returns.
+        if let Some(engine) = lock(&self.engine).as_ref() {
+            for atom in held {
+                engine.submit(atom);
+            }
+        }
         let attached = Message::Attached {
             session_id: self.id,
         }
@@ -629,11 +637,6 @@ impl Session {
                 "cannot watch the output-stream: {e}"
             )));
             return Ok((group, None));
-        }
-        if let Some(engine) = lock(&self.engine).as_ref() {
-            for atom in held {
-                engine.submit(atom);
-            }
         }
         let output_writer = OutputWriter {
             writer,
