@@ -192,6 +192,26 @@ def test_timeout_and_cancel_cut_a_sleep_short(session):
     assert session.eval("import time\ntime.sleep(0.2)\n'slept'").wait(10) == "slept"
 
 
+def test_the_line_after_a_burst_of_output_arrives_while_the_atom_still_runs(session):
+    # The server batches a streaming atom's lines (it lets the pipes fill for a
+    # moment after a small read); the last line before a long pause must still
+    # reach the client during the pause, not when the atom ends.
+    running = session.eval(
+        "import time\n"
+        "for i in range(2000):\n"
+        "    print(f'burst {i}')\n"
+        "print('last before the pause')\n"
+        "time.sleep(60)\n"
+    )
+    lines = session.output(running, timeout=15)
+    seen = [next(lines) for _ in range(2001)]
+    assert seen[-1] == (1, "last before the pause")
+    assert seen[:-1] == [(1, f"burst {i}") for i in range(2000)]
+    assert not running.done()
+    assert running.cancel() is True
+    assert isinstance(running.exception(20), AtomCancelled)
+
+
 def test_wait_with_timeout_raises_and_leaves_the_atom_running(session):
     f = session.eval("import time\ntime.sleep(0.6)\n'late'")
     with pytest.raises(TimeoutError):
