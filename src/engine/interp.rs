@@ -215,23 +215,8 @@ impl Interp {
         environ: &[(String, String)],
     ) -> Result<(), String> {
         unsafe {
-            let source = CString::new(HELPER_SOURCE).expect("helper has no NUL");
-            let file = CString::new(HELPER_FILE).expect("no NUL");
-            let name = CString::new("_pyproxy_engine").expect("no NUL");
-            let code = PyRef::new(ffi::Py_CompileString(
-                source.as_ptr(),
-                file.as_ptr(),
-                ffi::Py_file_input,
-            ))
-            .ok_or_else(|| python::take_error())?;
-            let module =
-                PyRef::new(ffi::PyModule_New(name.as_ptr())).ok_or_else(|| python::take_error())?;
+            let module = python::exec_module("_pyproxy_engine", HELPER_FILE, HELPER_SOURCE, false)?;
             let dict = ffi::PyModule_GetDict(module.as_ptr()); // borrowed
-            let builtins_key = CString::new("__builtins__").expect("no NUL");
-            ffi::PyDict_SetItemString(dict, builtins_key.as_ptr(), ffi::PyEval_GetBuiltins());
-            let result = PyRef::new(ffi::PyEval_EvalCode(code.as_ptr(), dict, dict))
-                .ok_or_else(|| format!("helper module failed: {}", python::take_error()))?;
-            drop(result);
             let get = |n: &str| -> Result<*mut ffi::PyObject, String> {
                 let key = CString::new(n).expect("no NUL");
                 let f = ffi::PyDict_GetItemString(dict, key.as_ptr());

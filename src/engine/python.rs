@@ -305,6 +305,45 @@ pub(crate) unsafe fn str_to_string(obj: *mut ffi::PyObject) -> Option<String> {
     }
 }
 
+/// Runs `source` as a new module `name` (`file` names it in tracebacks) and
+/// returns the module. With `register` it goes into `sys.modules` first, so
+/// that modules run after it can import it.
+///
+/// # Safety
+/// The GIL of the interpreter the module is for is held.
+pub(crate) unsafe fn exec_module(
+    name: &str,
+    file: &str,
+    source: &str,
+    register: bool,
+) -> Result<PyRef, String> {
+    let source = CString::new(source).expect("module source has no NUL");
+    let file = CString::new(file).expect("no NUL");
+    let cname = CString::new(name).expect("no NUL");
+    // SAFETY: GIL held (caller); plain C-API calls with owned references.
+    unsafe {
+        let code = PyRef::new(ffi::Py_CompileString(
+            source.as_ptr(),
+            file.as_ptr(),
+            ffi::Py_file_input,
+        ))
+        .ok_or_else(|| take_error())?;
+        let module = PyRef::new(ffi::PyModule_New(cname.as_ptr())).ok_or_else(|| take_error())?;
+        let dict = ffi::PyModule_GetDict(module.as_ptr()); // borrowed
+        ffi::PyDict_SetItemString(dict, c"__builtins__".as_ptr(), ffi::PyEval_GetBuiltins());
+        if register {
+            ffi::PyDict_SetItemString(
+                ffi::PyImport_GetModuleDict(),
+                cname.as_ptr(),
+                module.as_ptr(),
+            );
+        }
+        PyRef::new(ffi::PyEval_EvalCode(code.as_ptr(), dict, dict))
+            .ok_or_else(|| format!("{name}: {}", take_error()))?;
+        Ok(module)
+    }
+}
+
 /// Takes the current Python exception (if any) and describes it as
 /// `TypeName: message`. Clears the error indicator.
 pub(crate) unsafe fn take_error() -> String {

@@ -184,11 +184,12 @@ fn init_python(config: &ForkConfig) -> Result<PyRef, String> {
         .map_err(|e| e.to_string())?;
     // SAFETY: the GIL is held from here on.
     unsafe {
-        load_module("_pyproxy_engine", "<pyproxy-engine>", HELPER_SOURCE)?;
-        let worker = load_module(
+        python::exec_module("_pyproxy_engine", "<pyproxy-engine>", HELPER_SOURCE, true)?;
+        let worker = python::exec_module(
             "_pyproxy_fork_worker",
             "<pyproxy-fork-worker>",
             WORKER_SOURCE,
+            true,
         )?;
         let prepare = attr(&worker, "prepare")?;
         let list = PyRef::new(ffi::PyList_New(0)).ok_or_else(|| python::take_error())?;
@@ -213,35 +214,6 @@ unsafe fn attr(module: &PyRef, name: &str) -> Result<PyRef, String> {
     unsafe {
         PyRef::new(ffi::PyObject_GetAttrString(module.as_ptr(), c.as_ptr()))
             .ok_or_else(|| python::take_error())
-    }
-}
-
-/// Executes `source` as module `name`, registered in `sys.modules` first so
-/// later modules can import it.
-unsafe fn load_module(name: &str, file: &str, source: &str) -> Result<PyRef, String> {
-    let source = CString::new(source).expect("module source has no NUL");
-    let file = CString::new(file).expect("no NUL");
-    let cname = CString::new(name).expect("no NUL");
-    // SAFETY: GIL held (caller); plain C-API calls with owned references.
-    unsafe {
-        let code = PyRef::new(ffi::Py_CompileString(
-            source.as_ptr(),
-            file.as_ptr(),
-            ffi::Py_file_input,
-        ))
-        .ok_or_else(|| python::take_error())?;
-        let module =
-            PyRef::new(ffi::PyModule_New(cname.as_ptr())).ok_or_else(|| python::take_error())?;
-        let dict = ffi::PyModule_GetDict(module.as_ptr());
-        ffi::PyDict_SetItemString(dict, c"__builtins__".as_ptr(), ffi::PyEval_GetBuiltins());
-        ffi::PyDict_SetItemString(
-            ffi::PyImport_GetModuleDict(),
-            cname.as_ptr(),
-            module.as_ptr(),
-        );
-        PyRef::new(ffi::PyEval_EvalCode(code.as_ptr(), dict, dict))
-            .ok_or_else(|| format!("{name}: {}", python::take_error()))?;
-        Ok(module)
     }
 }
 
