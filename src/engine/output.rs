@@ -9,7 +9,8 @@
 //! The executor does not wait for its pump at either end of an atom. At the
 //! start it only puts the atom in the slot they share; the pump, which wakes at
 //! least every millisecond while atoms come and go, picks it up from there (and
-//! is woken explicitly only after sleeping through 50 ms without atoms). When
+//! is woken explicitly only after sleeping through 50 ms without atoms: by the
+//! attach, or earlier by `expect_atom` when a session opens). When
 //! the atom returns (having flushed `sys.stdout`/`stderr`), everything it
 //! wrote is already in the pipes, which are non-blocking: the executor takes
 //! the atom out of the slot and reads both pipes until they are empty itself,
@@ -144,6 +145,8 @@ struct Slot {
     cur: Option<Attached>,
     /// The pump sleeps with no timeout: the next attach must wake it.
     sleeping: bool,
+    /// Set by `expect_atom`: the pump counts its idle time from now.
+    expect: bool,
     stop: bool,
 }
 
@@ -175,6 +178,7 @@ impl Pump {
         let slot = Arc::new(Mutex::new(Slot {
             cur: None,
             sleeping: false,
+            expect: false,
             stop: false,
         }));
         let theirs = slot.clone();
@@ -205,6 +209,19 @@ impl Pump {
             fds,
             split: [Splitter::new(self.max_line), Splitter::new(self.max_line)],
         });
+        let wake = std::mem::take(&mut slot.sleeping);
+        drop(slot);
+        if wake {
+            self.wake();
+        }
+    }
+
+    /// Wakes a sleeping pump to tick as it does between atoms, because an
+    /// atom is on its way (a session opened): the wake-up then happens off
+    /// that atom's path, and its `attach` finds the pump awake.
+    pub(crate) fn expect_atom(&self) {
+        let mut slot = lock(&self.slot);
+        slot.expect = true;
         let wake = std::mem::take(&mut slot.sleeping);
         drop(slot);
         if wake {
@@ -283,6 +300,9 @@ fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
             let mut s = lock(&slot);
             if s.stop {
                 return;
+            }
+            if std::mem::take(&mut s.expect) {
+                last_atom = Instant::now();
             }
             match &s.cur {
                 Some(a) => {
@@ -419,5 +439,74 @@ mod tests {
         assert_eq!(out.concat(), data);
         assert!(out.iter().all(|b| b.len() <= BATCH));
         assert!(out.len() > 1);
+    }
+
+    /// Records what the pump delivers.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<u8>>);
+
+    impl crate::engine::SessionSink for Recorder {
+        fn output(&self, _atom: u64, _fd: u8, lines: Vec<u8>) {
+            self.0.lock().unwrap().extend(lines);
+        }
+        fn finish(&self, _atom: u64, _result: crate::protocol::AtomResult) {}
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two fds on success; they are ours.
+        unsafe {
+            assert_eq!(
+                libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK),
+                0
+            );
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        }
+    }
+
+    fn write(fd: &OwnedFd, data: &[u8]) {
+        // SAFETY: a write from our buffer to our pipe.
+        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        assert_eq!(n, data.len() as isize);
+    }
+
+    /// Waits up to 5 s for the recorder to hold `want`.
+    fn delivered(rec: &Recorder, want: &[u8]) -> bool {
+        let until = Instant::now() + std::time::Duration::from_secs(5);
+        while Instant::now() < until {
+            if rec.0.lock().unwrap().as_slice() == want {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        false
+    }
+
+    /// An idle pump (asleep without a timeout), told an atom is coming or not,
+    /// streams that atom's lines while it runs — the first at once, and the
+    /// one after a burst once the pipe has had its millisecond to fill.
+    #[test]
+    fn a_pump_asleep_streams_the_next_atoms_lines_while_it_runs() {
+        for expect in [true, false] {
+            let pump = Pump::start("test-pump".into(), 1 << 20).unwrap();
+            std::thread::sleep(IDLE_SLEEP + std::time::Duration::from_millis(20));
+            if expect {
+                pump.expect_atom();
+            }
+            let rec = Arc::new(Recorder::default());
+            let (out_r, out_w) = pipe();
+            let (err_r, _err_w) = pipe();
+            pump.attach(1, rec.clone(), [out_r.as_raw_fd(), err_r.as_raw_fd()]);
+            write(&out_w, b"first\n");
+            assert!(delivered(&rec, b"first\n"), "expect_atom: {expect}");
+            let burst: Vec<u8> = (0..500)
+                .flat_map(|i| format!("{i}\n").into_bytes())
+                .collect();
+            write(&out_w, &burst);
+            write(&out_w, b"last\n");
+            let want = [b"first\n".as_slice(), &burst, b"last\n"].concat();
+            assert!(delivered(&rec, &want), "expect_atom: {expect}");
+            pump.finish();
+        }
     }
 }

@@ -304,6 +304,7 @@ pub(crate) fn executor_loop(index: usize, shared: Arc<Shared>, rx: Receiver<Job>
             Some(Job::Run(core)) => core,
             Some(Job::Poll) => {
                 spin = shared.take_nudge();
+                pump.expect_atom();
                 continue;
             }
             Some(Job::Stop) | None => break,
