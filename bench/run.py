@@ -134,6 +134,90 @@ def w1_result(times: list[float]) -> dict:
     return {"p50_us": statistics.median(times), "p99_us": pct(times, 0.99), "n": len(times)}
 
 
+def w2_result(cfg, send, check, atoms: int | None = None, drop: bool = False) -> tuple[dict, object]:
+    """W2: times `send(n)`, which sends n no-op atoms over 2 sessions or workers and
+    returns what stands for them, and `check(handles)`, which waits for them all and says
+    whether each returned 5; atoms/s.
+
+    A round's handles are freed when the next round's have been sent (inside that timer),
+    or with `drop` as soon as the timer stops. The last round's come back with the result
+    so that a caller can keep them to the end of its run: 20,000 live futures are work
+    for every later full garbage collection, in later workloads' timers too."""
+    n = cfg.w2_atoms if atoms is None else atoms
+    rates = []
+    handles = None
+    for _ in range(cfg.w2_reps):
+        t = time.perf_counter()
+        handles = send(n)
+        assert check(handles)
+        rates.append(n / (time.perf_counter() - t))
+        if drop:
+            handles = None
+    return {"atoms_s": statistics.median(rates), "atoms": n, "n": len(rates)}, handles
+
+
+def w3_and_w6(cfg, out: dict, w3_once, n: int, who: str) -> list[str] | None:
+    """W3, then W6 beside the same `w3_once()` (one atom printing n lines, until the client
+    holds them all), for the peers that pass print output back. W3 times w3_once and
+    checks the lines after the timer; lines/s. Its last round's lines are returned for
+    the caller to keep to the end of its run: a 200,000-line list alive is part of what
+    later garbage collections walk, W6's first."""
+    lines = None
+    if "w3" in cfg.workloads:
+        rates = []
+        for _ in range(cfg.w3_reps):
+            t = time.perf_counter()
+            lines = w3_once()
+            rates.append(n / (time.perf_counter() - t))
+            check_lines(lines, n, who)
+        out["w3"] = {"lines_s": statistics.median(rates), "lines": n, "n": len(rates)}
+    if "w6" in cfg.workloads:
+        out["w6"] = w6(cfg, w3_once)
+    return lines
+
+
+def w4_result(cfg, size: int, send_in, fetch_out, free_out: str = "now") -> dict:
+    """W4: times `send_in()`, one `size`-byte argument in (it returns the length the far
+    side saw, checked inside the timer), and `fetch_out()`, which returns one `size`-byte
+    result; MB/s each way. Freeing 64 MiB takes milliseconds, so where the result is
+    freed is the caller's to say: checked and freed inside the timer (`free_out="now"`),
+    after the timer stops ("after"), or held until the next round's result has arrived,
+    inside that timer ("next")."""
+    ins, outs = [], []
+    got = None
+    for _ in w4_reps(cfg):
+        t = time.perf_counter()
+        assert send_in() == size
+        ins.append(size / (time.perf_counter() - t) / 1e6)
+        if free_out == "now":
+            t = time.perf_counter()
+            assert len(fetch_out()) == size
+            outs.append(size / (time.perf_counter() - t) / 1e6)
+            continue
+        t = time.perf_counter()
+        got = fetch_out()
+        outs.append(size / (time.perf_counter() - t) / 1e6)
+        assert len(got) == size
+        if free_out == "after":
+            got = None
+    return {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+
+
+def w5_result(cfg, open_, run, close) -> dict:
+    """W5: the idle pause, then times `open_()` (a new session) and `run(session)` (one
+    no-op returning 5); `close(session)` runs after the timer. The pause comes before the
+    timer starts: it is what makes every open a cold one, not part of its cost."""
+    times = []
+    for _ in range(cfg.w5_iters):
+        time.sleep(cfg.w5_pause)
+        t = time.perf_counter()
+        s = open_()
+        assert run(s) == 5
+        times.append((time.perf_counter() - t) * 1e3)
+        close(s)
+    return {"ms": statistics.median(times), "n": len(times)}
+
+
 def ticker_while(work) -> float:
     """Runs `work` in a second thread and a 1 ms sleep ticker in this (main) thread;
     returns the longest gap between ticks in ms. With work=None, ticks for 2 s idle."""
@@ -301,24 +385,16 @@ def run_pyproxy(cfg, out: dict, backend: str = "subinterp") -> dict:
             src = timed_loop(lambda: s1.eval("5").wait(), cfg.w1_iters, cfg.w1_seconds, 200)
             out["w1_source"] = w1_result(src)
         if "w2" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w2_reps):
-                n = cfg.w2_atoms
-                t = time.perf_counter()
-                futs = [(s1 if i % 2 else s2).eval(noop) for i in range(n)]
-                assert all(f.wait() == 5 for f in futs)
-                rates.append(n / (time.perf_counter() - t))
-                del futs
-            out["w2"] = {"atoms_s": statistics.median(rates), "atoms": cfg.w2_atoms, "n": len(rates)}
-            rates = []
-            for _ in range(cfg.w2_reps):
-                n = cfg.w2_atoms
-                t = time.perf_counter()
-                futs = [(s1 if i % 2 else s2).eval("5") for i in range(n)]
-                assert all(f.wait() == 5 for f in futs)
-                rates.append(n / (time.perf_counter() - t))
-                del futs
-            out["w2_source"] = {"atoms_s": statistics.median(rates), "atoms": cfg.w2_atoms, "n": len(rates)}
+
+            def all_five(futs):
+                return all(f.wait() == 5 for f in futs)
+
+            out["w2"], _ = w2_result(
+                cfg, lambda n: [(s1 if i % 2 else s2).eval(noop) for i in range(n)], all_five, drop=True
+            )
+            out["w2_source"], _ = w2_result(
+                cfg, lambda n: [(s1 if i % 2 else s2).eval("5") for i in range(n)], all_five, drop=True
+            )
         n = cfg.w3_lines
 
         def w3_once():
@@ -327,42 +403,20 @@ def run_pyproxy(cfg, out: dict, backend: str = "subinterp") -> dict:
             f.wait()
             return lines
 
-        if "w3" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w3_reps):
-                t = time.perf_counter()
-                lines = w3_once()
-                rates.append(n / (time.perf_counter() - t))
-                check_lines(lines, n, "pyproxy")
-            out["w3"] = {"lines_s": statistics.median(rates), "lines": n, "n": len(rates)}
-        if "w6" in cfg.workloads:
-            out["w6"] = w6(cfg, w3_once)
+        lines = w3_and_w6(cfg, out, w3_once, n, "pyproxy")  # kept to the end: see w3_and_w6
         if "w4" in cfg.workloads:
             size = cfg.w4_mib * MIB
             blob = os.urandom(size)
-            ins, outs = [], []
-            for _ in w4_reps(cfg):
-                t = time.perf_counter()
-                assert s1.eval("len(data)", globals={"data": blob}).wait() == size
-                ins.append(size / (time.perf_counter() - t) / 1e6)
-                t = time.perf_counter()
-                got = s1.eval(f"bytes({size})").wait()
-                outs.append(size / (time.perf_counter() - t) / 1e6)
-                assert len(got) == size
-                del got
-            out["w4"] = {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+            out["w4"] = w4_result(
+                cfg, size,
+                lambda: s1.eval("len(data)", globals={"data": blob}).wait(),
+                lambda: s1.eval(f"bytes({size})").wait(),
+                free_out="after",
+            )
         s1.close()
         s2.close()
         if "w5" in cfg.workloads:
-            times = []
-            for _ in range(cfg.w5_iters):
-                time.sleep(cfg.w5_pause)
-                t = time.perf_counter()
-                s = srv.session(backend)
-                assert s.eval(noop).wait() == 5
-                times.append((time.perf_counter() - t) * 1e3)
-                s.close()
-            out["w5"] = {"ms": statistics.median(times), "n": len(times)}
+            out["w5"] = w5_result(cfg, lambda: srv.session(backend), lambda s: s.eval(noop).wait(), lambda s: s.close())
     finally:
         srv.stop()
     if "w7" in cfg.workloads and backend == "fork":
@@ -447,26 +501,15 @@ def run_processpool(cfg, out: dict) -> dict:
         if "w1" in cfg.workloads:
             out["w1"] = w1_result(timed_loop(lambda: ex.submit(noop).result(), cfg.w1_iters, cfg.w1_seconds, 200))
         if "w2" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w2_reps):
-                n = cfg.w2_atoms
-                t = time.perf_counter()
-                futs = [ex.submit(noop) for _ in range(n)]
-                assert all(f.result() == 5 for f in futs)
-                rates.append(n / (time.perf_counter() - t))
-            out["w2"] = {"atoms_s": statistics.median(rates), "atoms": cfg.w2_atoms, "n": len(rates)}
+            out["w2"], futs = w2_result(  # futs: kept to the end, see w2_result
+                cfg, lambda n: [ex.submit(noop) for _ in range(n)], lambda futs: all(f.result() == 5 for f in futs)
+            )
         if "w4" in cfg.workloads:
             size = cfg.w4_mib * MIB
             blob = os.urandom(size)
-            ins, outs = [], []
-            for _ in w4_reps(cfg):
-                t = time.perf_counter()
-                assert ex.submit(len, blob).result() == size
-                ins.append(size / (time.perf_counter() - t) / 1e6)
-                t = time.perf_counter()
-                assert len(ex.submit(make_bytes, size).result()) == size
-                outs.append(size / (time.perf_counter() - t) / 1e6)
-            out["w4"] = {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+            out["w4"] = w4_result(
+                cfg, size, lambda: ex.submit(len, blob).result(), lambda: ex.submit(make_bytes, size).result()
+            )
     why = "a worker's print goes to the worker's inherited stdout; nothing reaches the caller"
     for w in ("w3", "w6"):
         out[w] = {"na": why}
@@ -534,41 +577,20 @@ def run_rpyc(cfg, out: dict) -> dict:
                 rsys.stdout = old
             return "".join(got).split("\n")[:-1]
 
-        if "w3" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w3_reps):
-                t = time.perf_counter()
-                lines = w3_once()
-                rates.append(n / (time.perf_counter() - t))
-                check_lines(lines, n, "rpyc")
-            out["w3"] = {"lines_s": statistics.median(rates), "lines": n, "n": len(rates)}
-        if "w6" in cfg.workloads:
-            out["w6"] = w6(cfg, w3_once)
+        lines = w3_and_w6(cfg, out, w3_once, n, "rpyc")  # kept to the end: see w3_and_w6
         if "w4" in cfg.workloads:
             size = cfg.w4_mib * MIB
             blob = os.urandom(size)
             rlen = conn.builtins.len
-            ins, outs = [], []
-            for _ in w4_reps(cfg):
-                t = time.perf_counter()
-                assert rlen(blob) == size
-                ins.append(size / (time.perf_counter() - t) / 1e6)
-                t = time.perf_counter()
-                got = conn.eval(f"bytes({size})")
-                outs.append(size / (time.perf_counter() - t) / 1e6)
-                assert len(got) == size
-            out["w4"] = {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+            out["w4"] = w4_result(cfg, size, lambda: rlen(blob), lambda: conn.eval(f"bytes({size})"), free_out="next")
         conn.close()
         if "w5" in cfg.workloads:
-            times = []
-            for _ in range(cfg.w5_iters):
-                time.sleep(cfg.w5_pause)
-                t = time.perf_counter()
-                c = rpyc.classic.connect("127.0.0.1", port)
-                assert c.eval("(lambda: 5)()") == 5
-                times.append((time.perf_counter() - t) * 1e3)
-                c.close()
-            out["w5"] = {"ms": statistics.median(times), "n": len(times)}
+            out["w5"] = w5_result(
+                cfg,
+                lambda: rpyc.classic.connect("127.0.0.1", port),
+                lambda c: c.eval("(lambda: 5)()"),
+                lambda c: c.close(),
+            )
         if "w7" in cfg.workloads:
             n7 = cfg.w7_sessions
             t = time.perf_counter()
@@ -596,14 +618,9 @@ def run_rpyc(cfg, out: dict) -> dict:
             for c in conns:
                 c.execute("def noop():\n    return 5")
                 fns.append(rpyc.async_(c.namespace["noop"]))
-            rates = []
-            for _ in range(cfg.w2_reps):
-                n = cfg.w2_atoms
-                t = time.perf_counter()
-                res = [fns[i % 2]() for i in range(n)]
-                assert all(r.value == 5 for r in res)
-                rates.append(n / (time.perf_counter() - t))
-            out["w2"] = {"atoms_s": statistics.median(rates), "atoms": cfg.w2_atoms, "n": len(rates)}
+            out["w2"], res = w2_result(  # res: kept to the end, see w2_result
+                cfg, lambda n: [fns[i % 2]() for i in range(n)], lambda res: all(r.value == 5 for r in res)
+            )
             for c in conns:
                 c.close()
         finally:
@@ -657,15 +674,13 @@ def run_execnet(cfg, out: dict) -> dict:
         if "w1" in cfg.workloads:
             out["w1"] = w1_result(timed_loop(lambda: call(("noop",)), cfg.w1_iters, cfg.w1_seconds, 200))
         if "w2" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w2_reps):
-                n = cfg.w2_atoms
-                t = time.perf_counter()
+
+            def send_all(n):
                 for i in range(n):
                     chans[i % 2].send(("noop",))
-                assert all(chans[i % 2].receive() == 5 for i in range(n))
-                rates.append(n / (time.perf_counter() - t))
-            out["w2"] = {"atoms_s": statistics.median(rates), "atoms": cfg.w2_atoms, "n": len(rates)}
+                return n  # what stands for the atoms: how many replies to receive
+
+            out["w2"], _ = w2_result(cfg, send_all, lambda n: all(chans[i % 2].receive() == 5 for i in range(n)))
         n = min(cfg.w3_lines, cfg.w3_lines_slow)
 
         def w3_once():
@@ -678,44 +693,23 @@ def run_execnet(cfg, out: dict) -> dict:
                 got.append(item)
             return "".join(got).split("\n")[:-1]
 
-        if "w3" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w3_reps):
-                t = time.perf_counter()
-                lines = w3_once()
-                rates.append(n / (time.perf_counter() - t))
-                check_lines(lines, n, "execnet")
-            out["w3"] = {"lines_s": statistics.median(rates), "lines": n, "n": len(rates)}
-        if "w6" in cfg.workloads:
-            out["w6"] = w6(cfg, w3_once)
+        lines = w3_and_w6(cfg, out, w3_once, n, "execnet")  # kept to the end: see w3_and_w6
         if "w4" in cfg.workloads:
             size = cfg.w4_mib * MIB
             blob = os.urandom(size)
-            ins, outs = [], []
-            for _ in w4_reps(cfg):
-                t = time.perf_counter()
-                assert call(("len", blob)) == size
-                ins.append(size / (time.perf_counter() - t) / 1e6)
-                t = time.perf_counter()
-                assert len(call(("make", size))) == size
-                outs.append(size / (time.perf_counter() - t) / 1e6)
-            out["w4"] = {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+            out["w4"] = w4_result(cfg, size, lambda: call(("len", blob)), lambda: call(("make", size)))
     finally:
         for c in chans:
             c.send(("stop",))
         for gw in gws:
             gw.exit()
     if "w5" in cfg.workloads:
-        times = []
-        for _ in range(cfg.w5_iters):
-            time.sleep(cfg.w5_pause)
-            t = time.perf_counter()
+
+        def open_gateway():
             gw = execnet.makegateway(spec)
-            c = gw.remote_exec("channel.send((lambda: 5)())")
-            assert c.receive() == 5
-            times.append((time.perf_counter() - t) * 1e3)
-            gw.exit()
-        out["w5"] = {"ms": statistics.median(times), "n": len(times)}
+            return gw, gw.remote_exec("channel.send((lambda: 5)())")
+
+        out["w5"] = w5_result(cfg, open_gateway, lambda gw_ch: gw_ch[1].receive(), lambda gw_ch: gw_ch[0].exit())
     out["w7"] = {"na": "a session is a Python process (popen gateway): 1,000 of them is not an ordinary configuration"}
     return out
 
@@ -798,16 +792,7 @@ def run_jupyter(cfg, out: dict) -> dict:
             assert r["content"]["status"] == "ok"
             return "".join(got).split("\n")[:-1]
 
-        if "w3" in cfg.workloads:
-            rates = []
-            for _ in range(cfg.w3_reps):
-                t = time.perf_counter()
-                lines = w3_once()
-                rates.append(n / (time.perf_counter() - t))
-                check_lines(lines, n, "jupyter")
-            out["w3"] = {"lines_s": statistics.median(rates), "lines": n, "n": len(rates)}
-        if "w6" in cfg.workloads:
-            out["w6"] = w6(cfg, w3_once)
+        lines = w3_and_w6(cfg, out, w3_once, n, "jupyter")  # kept to the end: see w3_and_w6
         if "w4" in cfg.workloads:
             import uuid
 
@@ -876,27 +861,21 @@ def run_dask(cfg, out: dict) -> dict:
             times = timed_loop(lambda: client.submit(noop, pure=False).result(), cfg.w1_iters, cfg.w1_seconds, 50)
             out["w1"] = w1_result(times)
         if "w2" in cfg.workloads:
-            rates = []
-            n = min(cfg.w2_atoms, cfg.w2_atoms_slow)
-            for _ in range(cfg.w2_reps):
-                t = time.perf_counter()
-                futs = client.map(noop_arg, range(n), pure=False)
-                assert all(v == 5 for v in client.gather(futs))
-                rates.append(n / (time.perf_counter() - t))
-                del futs
-            out["w2"] = {"atoms_s": statistics.median(rates), "atoms": n, "n": len(rates)}
+            out["w2"], _ = w2_result(
+                cfg,
+                lambda n: client.map(noop_arg, range(n), pure=False),
+                lambda futs: all(v == 5 for v in client.gather(futs)),
+                atoms=min(cfg.w2_atoms, cfg.w2_atoms_slow),
+                drop=True,
+            )
         if "w4" in cfg.workloads:
             size = cfg.w4_mib * MIB
             blob = os.urandom(size)
-            ins, outs = [], []
-            for _ in w4_reps(cfg):
-                t = time.perf_counter()
-                assert client.submit(len, blob, pure=False).result() == size
-                ins.append(size / (time.perf_counter() - t) / 1e6)
-                t = time.perf_counter()
-                assert len(client.submit(make_bytes, size, pure=False).result()) == size
-                outs.append(size / (time.perf_counter() - t) / 1e6)
-            out["w4"] = {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+            out["w4"] = w4_result(
+                cfg, size,
+                lambda: client.submit(len, blob, pure=False).result(),
+                lambda: client.submit(make_bytes, size, pure=False).result(),
+            )
         if "w5" in cfg.workloads:
             times = []
             for _ in range(cfg.w5_iters):
@@ -964,26 +943,12 @@ def run_pyro5(cfg, out: dict) -> dict:
         if "w4" in cfg.workloads:
             size = cfg.w4_mib * MIB
             blob = os.urandom(size)
-            ins, outs = [], []
             p._pyroSerializer = "marshal"  # carries bytes as bytes; serpent would base64 them
-            for _ in w4_reps(cfg):
-                t = time.perf_counter()
-                assert p.length(blob) == size
-                ins.append(size / (time.perf_counter() - t) / 1e6)
-                t = time.perf_counter()
-                assert len(p.make(size)) == size
-                outs.append(size / (time.perf_counter() - t) / 1e6)
-            out["w4"] = {"in_mb_s": statistics.median(ins), "out_mb_s": statistics.median(outs), "n": len(ins)}
+            out["w4"] = w4_result(cfg, size, lambda: p.length(blob), lambda: p.make(size))
         p._pyroRelease()
         if "w5" in cfg.workloads:
-            times = []
-            for _ in range(cfg.w5_iters):
-                time.sleep(cfg.w5_pause)
-                t = time.perf_counter()
-                with Pyro5.api.Proxy(uri) as px:
-                    assert px.noop() == 5
-                    times.append((time.perf_counter() - t) * 1e3)
-            out["w5"] = {"ms": statistics.median(times), "n": len(times)}
+            # _pyroRelease() is what the proxy's `with` runs on exit.
+            out["w5"] = w5_result(cfg, lambda: Pyro5.api.Proxy(uri), lambda px: px.noop(), lambda px: px._pyroRelease())
         if "w7" in cfg.workloads:
             n7 = cfg.w7_sessions
             t = time.perf_counter()
