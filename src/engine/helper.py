@@ -70,8 +70,10 @@ _FULL_GC_AFTER = 128
 
 def _open_streams():
     global _stdout, _stderr, _stdin
-    # Line-buffered so that a line reaches the pipe (and so the client) as soon
-    # as it is printed; errors="backslashreplace" so that no str is unprintable.
+    # Line-buffered so that a line reaches the pipe as soon as it is printed
+    # (and the client within about a millisecond: the pump batches a streaming
+    # atom's lines per millisecond, src/engine/output.rs); errors=
+    # "backslashreplace" so that no str is unprintable.
     _stdout = _io.TextIOWrapper(
         _io.FileIO(_out_fd, "w", closefd=False),
         encoding="utf-8", errors="backslashreplace", line_buffering=True,
