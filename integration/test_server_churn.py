@@ -170,16 +170,22 @@ def test_a_function_first_loaded_in_a_fresh_interpreter_stays_cached_and_later_o
     for _ in range(6):
         s = wire.open_session(server.host, server.port, server.token)
         try:
-            lines, result = s.run(1, first, kind=wire.FUNCTION)
+            # Pipelined in one write, so the session keeps its interpreter from the
+            # first atom to the last: one it parked between two atoms may come back
+            # reset (the pool takes an idle session's interpreter to refill), and the
+            # next atom would then be a first one.
+            atoms = ((1, first), (2, later), (3, first), (4, later))
+            s.main.send(b"".join(wire.eval_frame(a, p, kind=wire.FUNCTION) for a, p in atoms))
+            lines, result = s.collect(1)
             assert result.kind == wire.RESULT
             first_printed = lines == [(1, "loaded first")]
             assert first_printed or lines == [], lines
-            lines, result = s.run(2, later, kind=wire.FUNCTION)
+            lines, result = s.collect(2)
             assert result.kind == wire.RESULT
             assert lines == [(1, "loaded later")], "a function loaded after the first atom outlived its session"
             # Within the session both are cached.
-            for atom, payload in ((3, first), (4, later)):
-                lines, result = s.run(atom, payload, kind=wire.FUNCTION)
+            for atom in (3, 4):
+                lines, result = s.collect(atom)
                 assert result.kind == wire.RESULT and lines == []
             session_id = s.id
         finally:
