@@ -128,15 +128,17 @@ impl Splitter {
 /// and go: an atom attached without waking the pump is noticed within this
 /// time (its output streams from then on; before, it waits in the pipe).
 const POLL_TICK: libc::c_int = 1;
-/// After a read that found less than `COALESCE_BELOW` bytes, the pump lets
-/// the pipes fill for `COALESCE` before it polls again. A print loop then
-/// costs one pump wake-up (and one OUTPUT frame, one wake-up of the writer and
-/// of the client) per millisecond instead of per line: in W3 those hand-offs
-/// took the CPU time the client's other threads wait for (W6). A line after a
-/// quiet spell is still read at once; a writer faster than `COALESCE_BELOW`
-/// per `COALESCE` never waits for the sleep (its reads are large).
-const COALESCE_BELOW: usize = 32 * 1024;
-const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long an atom's pipes are left to fill after a wake-up read `got`
+/// bytes from them, by this pump and by the fork backend's session thread:
+/// 1 ms after a read of less than 32 KiB. A print loop then costs one wake-up
+/// of the reader (and one OUTPUT frame, one wake-up of the writer and of the
+/// client) per millisecond instead of per line: in W3 those hand-offs took
+/// the CPU time the client's other threads wait for (W6). A line after a
+/// quiet spell is still read at once; a writer that fills 32 KiB per
+/// millisecond never waits (its reads are large).
+pub(crate) fn rest_after(got: usize) -> Option<std::time::Duration> {
+    (got > 0 && got < 32 * 1024).then_some(std::time::Duration::from_millis(1))
+}
 /// After this long without an atom the pump sleeps until an attach wakes it.
 const IDLE_SLEEP: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -372,8 +374,8 @@ fn pump_loop(slot: Arc<Mutex<Slot>>, wake_r: OwnedFd) {
             }
         }
         drop(s);
-        if got > 0 && got < COALESCE_BELOW {
-            std::thread::sleep(COALESCE);
+        if let Some(rest) = rest_after(got) {
+            std::thread::sleep(rest);
         }
     }
 }
@@ -490,8 +492,15 @@ mod tests {
         for expect in [true, false] {
             let pump = Pump::start("test-pump".into(), 1 << 20).unwrap();
             std::thread::sleep(IDLE_SLEEP + std::time::Duration::from_millis(20));
+            assert!(
+                lock(&pump.slot).sleeping,
+                "the pump sleeps after 50 ms idle"
+            );
             if expect {
                 pump.expect_atom();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                // Awake and ticking, so the attach below need not wake it.
+                assert!(!lock(&pump.slot).sleeping);
             }
             let rec = Arc::new(Recorder::default());
             let (out_r, out_w) = pipe();

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use slog::{debug, info, warn, Logger};
 
-use crate::engine::output::Splitter;
+use crate::engine::output::{rest_after, Splitter};
 use crate::engine::{AtomRequest, Sink};
 use crate::protocol::{AtomResult, Buffer, FailureOrigin, Outcome, RemoteException};
 use crate::server::BackendSession;
@@ -282,19 +282,14 @@ struct Runner {
     split: [Splitter; 2],
     /// `read_pipe`'s buffer, kept rather than zeroed per read.
     buf: Vec<u8>,
-    /// Until then the output pipes are left out of `poll` (see `COALESCE`).
+    /// Until then the output pipes are left out of `poll`, to fill (see
+    /// `engine::output::rest_after`); the result and the wake pipe are still
+    /// polled.
     pipes_rest_until: Option<Instant>,
 }
 
 /// How much is read from a pipe per wake-up while an atom runs.
 const READ_CHUNK: usize = 64 * 1024;
-/// After a wake-up that read less than `COALESCE_BELOW` bytes of output, the
-/// pipes are left to fill for `COALESCE` (the result and the wake pipe are
-/// still polled): a print loop costs one wake-up of this thread, of the
-/// output writer and of the client per millisecond rather than per line, as
-/// for the sub-interpreter backend's pump (`engine::output`).
-const COALESCE_BELOW: usize = 32 * 1024;
-const COALESCE: Duration = Duration::from_millis(1);
 
 impl Runner {
     fn run(mut self) {
@@ -465,8 +460,8 @@ impl Runner {
                     got += self.read_pipe(i, Some(READ_CHUNK), id);
                 }
             }
-            if got > 0 && got < COALESCE_BELOW {
-                self.pipes_rest_until = Some(Instant::now() + COALESCE);
+            if let Some(rest) = rest_after(got) {
+                self.pipes_rest_until = Some(Instant::now() + rest);
             }
         }
         if fds.get(1).is_some_and(|f| f.revents != 0) {
