@@ -247,6 +247,21 @@ def test_user_runs_atoms_as_that_user_in_its_sandbox(start_server, request_clean
         assert s.eval("import os; os.getuid()").result(timeout=10) == 0
 
 
+def test_the_servers_token_is_not_in_a_workers_environment(start_server):
+    # The server takes its token from PYPROXY_TOKEN here. A worker under --user runs
+    # with less privilege than the server: had it the token, an atom could open a
+    # sub-interpreter session and run code as the server's user.
+    srv = start_server(env={"PYPROXY_KEEP_ME": "yes"})
+    with open_session(srv) as s:
+        seen = s.eval("import os; ('PYPROXY_TOKEN' in os.environ, os.environ.get('PYPROXY_KEEP_ME'))")
+        assert seen.result(timeout=10) == (False, "yes")
+        # Nor in what the worker starts.
+        f = s.eval("import os; os.system('env')")
+        lines = [line for _, line in s.output(f, timeout=10)]
+        assert "PYPROXY_KEEP_ME=yes" in lines
+        assert not [line for line in lines if line.startswith("PYPROXY_TOKEN=")]
+
+
 def test_user_without_root_or_unknown_user_is_refused(start_server):
     from conftest import SERVER_BIN
     import subprocess

@@ -126,6 +126,10 @@ fn zygote_main(sock: OwnedFd, config: &ForkConfig, server_pid: libc::pid_t) -> i
             libc::close(null);
         }
     }
+    // Workers inherit this environment, and one under `--user` has less
+    // privilege than the server: with the token it could open a session in the
+    // server's own process. (One thread here, so changing the environment is safe.)
+    std::env::remove_var("PYPROXY_TOKEN");
     if let Some(dir) = &config.workdir {
         if let Err(e) = std::env::set_current_dir(dir) {
             say(&format!("cannot enter --workdir {}: {e}", dir.display()));
