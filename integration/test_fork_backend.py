@@ -260,6 +260,9 @@ def test_the_servers_token_is_not_in_a_workers_environment(start_server):
         lines = [line for _, line in s.output(f, timeout=10)]
         assert "PYPROXY_KEEP_ME=yes" in lines
         assert not [line for line in lines if line.startswith("PYPROXY_TOKEN=")]
+        # Nor in the environment block the process started with.
+        block = s.eval("open('/proc/self/environ', 'rb').read()").result(timeout=10)
+        assert srv.token.encode() not in block
 
 
 def test_user_without_root_or_unknown_user_is_refused(start_server):

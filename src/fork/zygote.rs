@@ -126,10 +126,7 @@ fn zygote_main(sock: OwnedFd, config: &ForkConfig, server_pid: libc::pid_t) -> i
             libc::close(null);
         }
     }
-    // Workers inherit this environment, and one under `--user` has less
-    // privilege than the server: with the token it could open a session in the
-    // server's own process. (One thread here, so changing the environment is safe.)
-    std::env::remove_var("PYPROXY_TOKEN");
+    forget_token();
     if let Some(dir) = &config.workdir {
         if let Err(e) = std::env::set_current_dir(dir) {
             say(&format!("cannot enter --workdir {}: {e}", dir.display()));
@@ -176,6 +173,23 @@ fn zygote_main(sock: OwnedFd, config: &ForkConfig, server_pid: libc::pid_t) -> i
         warm_due: Vec::new(),
     };
     z.run()
+}
+
+/// Removes the server's token from the environment workers inherit: one under
+/// `--user` has less privilege than the server, and with the token it could
+/// open a session in the server's own process. The value is also overwritten
+/// where it lies, because `/proc/self/environ` shows the environment block the
+/// process started with, which `unsetenv` does not change.
+fn forget_token() {
+    // SAFETY: the zygote has one thread, so nothing reads the environment
+    // meanwhile; `getenv` points into that block, which is ours to write.
+    unsafe {
+        let value = libc::getenv(c"PYPROXY_TOKEN".as_ptr());
+        if !value.is_null() {
+            std::ptr::write_bytes(value, 0, libc::strlen(value));
+        }
+    }
+    std::env::remove_var("PYPROXY_TOKEN");
 }
 
 /// Initialises CPython with the GIL held for good (the zygote is one thread),
