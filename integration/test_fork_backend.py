@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import pyproxy
+from conftest import PYTHON_ENV, SERVER_BIN
 from pyproxy import AtomCancelled, AtomTimeout, PyProxySession, WorkerDied
 
 
@@ -333,17 +335,57 @@ def test_many_atoms_many_sessions_in_parallel(server):
             s.close()
 
 
-def test_a_dead_zygote_fails_fork_sessions_clearly_and_spares_subinterp(start_server):
+def test_a_zygote_environment_outside_a_server_is_refused(tmp_path):
+    env = dict(os.environ, PYPROXY_ZYGOTE_FD="3", PYPROXY_HOME=str(tmp_path))
+    r = subprocess.run(
+        [str(SERVER_BIN), "--listen", "127.0.0.1:0", "--python-env", str(PYTHON_ENV)],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2
+    assert "was not started by pyproxy-server as its zygote" in r.stderr
+    assert r.stdout == ""
+
+
+def zygotes_of(srv) -> list[int]:
+    return [p for p in descendants(srv.proc.pid) if Path(f"/proc/{p}/stat").read_text().split()[3] == str(srv.proc.pid)]
+
+
+def test_a_dead_zygote_is_replaced_and_its_sessions_carry_on(start_server):
     srv = start_server()
-    zygotes = [p for p in descendants(srv.proc.pid) if Path(f"/proc/{p}/stat").read_text().split()[3] == str(srv.proc.pid)]
-    assert len(zygotes) == 1
-    os.kill(zygotes[0], signal.SIGKILL)
-    assert wait_for(lambda: "zygote died" in srv.log_text(), timeout=10), srv.log_text()
-    with pytest.raises(pyproxy.SessionRefused) as e:
-        open_session(srv)
-    assert "zygote" in str(e.value) and "restart" in str(e.value)
-    with open_session(srv, backend="subinterp") as s:
-        assert s.eval("1 + 1").result(timeout=10) == 2
-    # Its workers died with it (PR_SET_PDEATHSIG): nothing is left below the server.
-    assert wait_for(lambda: not descendants(srv.proc.pid), timeout=10), descendants(srv.proc.pid)
+    with open_session(srv) as old_session:
+        zygote = old_session.eval("import os; os.getppid()").result(timeout=10)
+        assert zygotes_of(srv) == [zygote]
+        with open_session(srv) as busy:
+            running = busy.eval("import time; print('started', flush=True); time.sleep(30)")
+            assert next(iter(busy.output(running, timeout=10))) == (1, "started")
+            os.kill(zygote, signal.SIGKILL)
+            # The atom that was running fails, saying what happened.
+            with pytest.raises(WorkerDied, match="zygote"):
+                running.result(timeout=10)
+        assert wait_for(lambda: "zygote died" in srv.log_text(), timeout=10), srv.log_text()
+        # Its workers die with it (PR_SET_PDEATHSIG); the sub-interpreter backend never notices.
+        with open_session(srv, backend="subinterp") as s:
+            assert s.eval("1 + 1").result(timeout=10) == 2
+
+        # Until the replacement is ready a fork session is refused, saying why.
+        def open_fork():
+            try:
+                return open_session(srv)
+            except pyproxy.SessionRefused as e:
+                assert "zygote" in str(e) and "restart" in str(e), e
+                return None
+
+        opened: list = []
+        assert wait_for(lambda: opened.append(open_fork()) or opened[-1] is not None, timeout=20), srv.log_text()
+        with opened[-1] as s:
+            new_zygote = s.eval("import os; os.getppid()").result(timeout=10)
+        assert new_zygote != zygote and zygotes_of(srv) == [new_zygote]
+        assert "fork zygote restarted" in srv.log_text()
+        # The session whose worker died gets a worker of the new zygote for its next atom.
+        assert old_session.eval("import os; os.getppid()").result(timeout=10) == new_zygote
+    # And shutdown ends the replacement and its workers as it ends the first zygote.
+    left = descendants(srv.proc.pid)
+    assert new_zygote in left
     assert srv.stop() == 0
+    assert wait_for(lambda: not [p for p in left if Path(f"/proc/{p}").exists()], timeout=10), left
+    assert "fork zygote stopped" in srv.log_text()

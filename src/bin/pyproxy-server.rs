@@ -32,6 +32,8 @@ fn main() {
 fn run(cli: Cli) -> Result<(), ServerError> {
     let env_token = std::env::var_os("PYPROXY_TOKEN").is_some();
     let config = cli.into_config(env_token)?;
+    // A replacement zygote is this binary run again by the server (see `exec_zygote`).
+    fork::zygote::run_if_exec_zygote(&config.fork);
     let zygote = fork::fork_zygote(&config.fork)
         .map_err(|e| ServerError::Engine(format!("cannot fork the fork backend's zygote: {e}")))?;
     let routes = LogRoutes::new();

@@ -16,7 +16,10 @@
 //!   before the atom's `finish`.
 //! - One server thread (`pyproxy-zygote`) reads the zygote's records and
 //!   routes them: new workers to whoever asked (or to the warm slot), exit
-//!   statuses to the session whose worker died.
+//!   statuses to the session whose worker died. If the zygote dies, the same
+//!   thread starts a replacement (the server binary run again, see
+//!   [`zygote::exec_zygote`]): a new generation, whose workers' pids are never
+//!   confused with the old one's.
 
 mod session;
 pub mod wire;
@@ -31,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Sender};
+use crossbeam::channel::{self, Receiver, Sender};
 use slog::{error, info, warn, Logger};
 
 use crate::engine::Sink;
@@ -100,19 +103,63 @@ impl Default for ForkConfig {
     }
 }
 
+/// A worker as the zygote that forked it knows it: a pid means something
+/// only to that zygote, and a restarted zygote is a new generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Wid {
+    pub pid: libc::pid_t,
+    pub gen: u64,
+}
+
 /// A worker process as the server holds it. Dropping it closes the server's
 /// ends (the worker reads EOF on its control socket and exits).
 pub(crate) struct Worker {
     pub pid: libc::pid_t,
+    /// The generation of the zygote that forked it.
+    pub gen: u64,
     pub ctl: UnixStream,
     /// Read ends of its stdout and stderr pipes, nonblocking.
     pub out: [OwnedFd; 2],
+}
+
+impl Worker {
+    pub fn wid(&self) -> Wid {
+        Wid {
+            pid: self.pid,
+            gen: self.gen,
+        }
+    }
 }
 
 /// Token of a spawn request whose worker goes to the warm slot.
 const WARM: u64 = 0;
 /// How long a session waits for the zygote to fork a worker.
 const SPAWN_WAIT: Duration = Duration::from_secs(10);
+/// How long a replacement zygote may take to be ready (it imports `--preload`).
+const RESTART_READY_WAIT: Duration = Duration::from_secs(120);
+/// The wait before replacing a zygote that died, doubled for each one that
+/// dies within [`RESTART_STABLE`] of its start, up to [`RESTART_MAX`].
+const RESTART_FIRST: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+const RESTART_STABLE: Duration = Duration::from_secs(60);
+
+/// The wait before the next restart, after one that waited `last` and made a
+/// zygote that lived `lived` (the first restart after a long life is quick; a
+/// zygote that keeps dying is restarted less and less often).
+fn restart_delay(last: Option<Duration>, lived: Duration) -> Duration {
+    match last {
+        Some(last) if lived < RESTART_STABLE => (last * 2).min(RESTART_MAX),
+        _ => RESTART_FIRST,
+    }
+}
+
+/// The zygote of the moment.
+struct Link {
+    gen: u64,
+    sock: Arc<OwnedFd>,
+    pid: libc::pid_t,
+    born: Instant,
+}
 
 #[derive(Default)]
 struct Warm {
@@ -124,20 +171,25 @@ struct Warm {
 pub(crate) struct Core {
     config: ForkConfig,
     log: Logger,
-    sock: OwnedFd,
-    zygote_pid: libc::pid_t,
-    /// False once the zygote is gone (died, or shut down).
+    link: Mutex<Link>,
+    /// The current link's generation (read without its lock).
+    gen: AtomicU64,
+    /// True while the current zygote serves: false from its death until a
+    /// replacement is ready, and after shutdown.
     alive: AtomicBool,
     /// Set by `shutdown`: no new sessions.
     closing: AtomicBool,
+    /// Wakes the record reader from a wait before a restart, at shutdown.
+    stop_tx: Sender<()>,
+    restarts: AtomicU64,
     next_token: AtomicU64,
     pending: Mutex<HashMap<u64, Sender<Result<Worker, String>>>>,
     warm: Mutex<Warm>,
     /// Exit statuses not yet claimed by the session whose worker it was.
-    exits: Mutex<HashMap<libc::pid_t, i32>>,
+    exits: Mutex<HashMap<Wid, i32>>,
     exit_cv: Condvar,
-    /// Pids nobody will ask about (terminated at session close).
-    abandoned: Mutex<HashSet<libc::pid_t>>,
+    /// Workers nobody will ask about (terminated at session close).
+    abandoned: Mutex<HashSet<Wid>>,
     sessions: Mutex<HashMap<u64, Arc<session::Control>>>,
     python_version: String,
 }
@@ -148,12 +200,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Core {
     fn send(&self, record: Record) -> bool {
-        wire::send_record(self.sock.as_raw_fd(), &record, &[]).is_ok()
+        let sock = Arc::clone(&lock(&self.link).sock);
+        wire::send_record(sock.as_raw_fd(), &record, &[]).is_ok()
+    }
+
+    /// Sends `record` about worker `w` to the zygote that forked it, if that
+    /// zygote still serves: another zygote's child may have the same pid.
+    fn send_about(&self, w: Wid, record: Record) {
+        let sock = {
+            let link = lock(&self.link);
+            if link.gen != w.gen {
+                return;
+            }
+            Arc::clone(&link.sock)
+        };
+        let _ = wire::send_record(sock.as_raw_fd(), &record, &[]);
+    }
+
+    /// Whether `w`'s zygote died (so `w` died with it, `PR_SET_PDEATHSIG`).
+    pub(crate) fn lost_with_zygote(&self, w: Wid) -> bool {
+        w.gen != self.gen.load(Ordering::SeqCst) || !self.alive.load(Ordering::SeqCst)
     }
 
     fn dead_message(&self) -> String {
-        "the fork backend is unavailable: its zygote process has died (see the server log); \
-         restart pyproxy-server to use it again"
+        if self.closing.load(Ordering::SeqCst) {
+            return "the fork backend is shutting down".to_owned();
+        }
+        "the fork backend's zygote process died and is being restarted (see the server log); \
+         try again in a moment"
             .to_owned()
     }
 
@@ -209,30 +283,33 @@ impl Core {
         }
     }
 
-    fn signal(&self, pid: libc::pid_t, signal: i32) {
-        self.send(Record::Signal { pid, signal });
+    fn signal(&self, w: Wid, signal: i32) {
+        self.send_about(w, Record::Signal { pid: w.pid, signal });
     }
 
     /// SIGTERM now, SIGKILL after the kill grace (done by the zygote).
-    fn terminate(&self, pid: libc::pid_t) {
-        self.send(Record::Terminate {
-            pid,
-            grace_ms: self.config.kill_grace.as_millis() as u64,
-        });
+    fn terminate(&self, w: Wid) {
+        self.send_about(
+            w,
+            Record::Terminate {
+                pid: w.pid,
+                grace_ms: self.config.kill_grace.as_millis() as u64,
+            },
+        );
     }
 
-    /// The wait status of `pid`, once the zygote reaped it; `None` after
-    /// `timeout` or if the zygote is gone.
-    fn wait_exit(&self, pid: libc::pid_t, timeout: Duration) -> Option<i32> {
+    /// The wait status of `w`, once its zygote reaped it; `None` after
+    /// `timeout` or if its zygote is gone.
+    fn wait_exit(&self, w: Wid, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         let mut exits = lock(&self.exits);
         loop {
-            if let Some(s) = exits.remove(&pid) {
+            if let Some(s) = exits.remove(&w) {
                 return Some(s);
             }
             let now = Instant::now();
-            if now >= deadline || !self.alive.load(Ordering::SeqCst) {
-                lock(&self.abandoned).insert(pid);
+            if now >= deadline || self.lost_with_zygote(w) {
+                lock(&self.abandoned).insert(w);
                 return None;
             }
             exits = self
@@ -243,18 +320,114 @@ impl Core {
         }
     }
 
-    fn forget(&self, pid: libc::pid_t) {
-        if lock(&self.exits).remove(&pid).is_none() {
-            lock(&self.abandoned).insert(pid);
+    fn forget(&self, w: Wid) {
+        if lock(&self.exits).remove(&w).is_none() {
+            lock(&self.abandoned).insert(w);
         }
     }
 
-    /// The `pyproxy-zygote` thread: routes the zygote's records until it hangs up.
-    fn read_records(self: Arc<Core>) {
+    /// The `pyproxy-zygote` thread: routes the zygote's records until it hangs
+    /// up. Then, unless the server is shutting down, it starts a replacement
+    /// (trying again, less and less often, while that fails) and routes the
+    /// new zygote's records. At shutdown it reaps the zygote and returns.
+    fn read_records(self: Arc<Core>, stop: Receiver<()>) {
+        let mut delay = None;
         loop {
-            match wire::recv_record(self.sock.as_raw_fd(), false) {
+            let (gen, sock, pid, born) = {
+                let link = lock(&self.link);
+                (link.gen, Arc::clone(&link.sock), link.pid, link.born)
+            };
+            self.route(gen, &sock);
+            self.alive.store(false, Ordering::SeqCst);
+            lock(&self.pending).clear();
+            *lock(&self.warm) = Warm::default();
+            self.exit_cv.notify_all();
+            if self.closing.load(Ordering::SeqCst) {
+                self.reap_at_shutdown(pid);
+                return;
+            }
+            let mut status = 0;
+            // SAFETY: waitpid on our own child, the zygote.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, 0) } > 0;
+            let how = if reaped {
+                describe_status(pid, status, "zygote")
+            } else {
+                "its status is unknown".to_owned()
+            };
+            let mut wait = restart_delay(delay, born.elapsed());
+            error!(self.log, "the fork backend's zygote died, and its workers with it; starting a new one";
+                "zygote" => pid, "how" => how, "restart_in_ms" => wait.as_millis() as u64);
+            loop {
+                delay = Some(wait);
+                let stopped = !matches!(
+                    stop.recv_timeout(wait),
+                    Err(channel::RecvTimeoutError::Timeout)
+                );
+                if stopped || self.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                match self.restart(gen + 1) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        wait = restart_delay(delay, Duration::ZERO);
+                        error!(self.log, "cannot start a new fork zygote";
+                            "error" => e, "retry_in_ms" => wait.as_millis() as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts zygote generation `gen` in place of a dead one and waits until
+    /// it is ready; on failure it is gone again (killed and reaped).
+    fn restart(&self, gen: u64) -> Result<(), String> {
+        let started = Instant::now();
+        let z = zygote::exec_zygote().map_err(|e| format!("cannot run the server binary: {e}"))?;
+        let sock = Arc::new(z.sock);
+        *lock(&self.link) = Link {
+            gen,
+            sock: Arc::clone(&sock),
+            pid: z.pid,
+            born: started,
+        };
+        self.gen.store(gen, Ordering::SeqCst);
+        // A shutdown that began meanwhile shut down the socket it found,
+        // perhaps the dead zygote's: this one must see it too.
+        if self.closing.load(Ordering::SeqCst) {
+            // SAFETY: shutting down our socket.
+            unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if !await_ready(&sock, Some(RESTART_READY_WAIT)) {
+            // SAFETY: our child, which leads its own process group once it
+            // got that far (the second kill covers the case it did not).
+            unsafe {
+                libc::kill(-z.pid, libc::SIGKILL);
+                libc::kill(z.pid, libc::SIGKILL);
+            }
+            let mut status = 0;
+            // SAFETY: waitpid on our own child.
+            unsafe { libc::waitpid(z.pid, &mut status, 0) };
+            return Err(format!(
+                "the new zygote was not ready within {} s ({}); its message, if any, is in \
+                 the log above",
+                RESTART_READY_WAIT.as_secs(),
+                describe_status(z.pid, status, "zygote")
+            ));
+        }
+        self.alive.store(true, Ordering::SeqCst);
+        let restarts = self.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        info!(self.log, "fork zygote restarted"; "pid" => z.pid,
+            "start_ms" => started.elapsed().as_millis() as u64, "restarts" => restarts);
+        self.refill();
+        Ok(())
+    }
+
+    /// Routes zygote generation `gen`'s records until it hangs up.
+    fn route(&self, gen: u64, sock: &OwnedFd) {
+        loop {
+            match wire::recv_record(sock.as_raw_fd(), false) {
                 Ok(Some((Record::Spawned { token, pid }, fds))) => {
-                    let worker = make_worker(pid, fds);
+                    let worker = make_worker(pid, gen, fds);
                     if token == WARM {
                         let mut warm = lock(&self.warm);
                         warm.requested = warm.requested.saturating_sub(1);
@@ -263,8 +436,8 @@ impl Core {
                                 warm.ready.push_back(w)
                             }
                             Ok(w) => {
-                                self.terminate(w.pid);
-                                self.forget(w.pid);
+                                self.terminate(w.wid());
+                                self.forget(w.wid());
                             }
                             Err(e) => warn!(self.log, "warm worker unusable"; "error" => e),
                         }
@@ -272,8 +445,8 @@ impl Core {
                         let _ = tx.send(worker);
                     } else if let Ok(w) = worker {
                         // Its requester gave up waiting.
-                        self.terminate(w.pid);
-                        self.forget(w.pid);
+                        self.terminate(w.wid());
+                        self.forget(w.wid());
                     }
                 }
                 Ok(Some((Record::SpawnFailed { token, errno }, _))) => {
@@ -287,35 +460,65 @@ impl Core {
                     }
                 }
                 Ok(Some((Record::Exited { pid, status }, _))) => {
-                    if !lock(&self.abandoned).remove(&pid) {
-                        lock(&self.exits).insert(pid, status);
+                    let w = Wid { pid, gen };
+                    if !lock(&self.abandoned).remove(&w) {
+                        lock(&self.exits).insert(w, status);
                         self.exit_cv.notify_all();
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+                Ok(None) | Err(_) => return,
             }
         }
-        self.alive.store(false, Ordering::SeqCst);
-        lock(&self.pending).clear();
-        lock(&self.warm).ready.clear();
-        self.exit_cv.notify_all();
-        if !self.closing.load(Ordering::SeqCst) {
+    }
+
+    /// At shutdown, after the zygote's socket was shut down: waits for the
+    /// zygote to end its workers and exit, and kills its process group if it
+    /// takes longer than the kill grace and a bit.
+    fn reap_at_shutdown(&self, pid: libc::pid_t) {
+        let deadline = Instant::now() + self.config.kill_grace + Duration::from_secs(3);
+        loop {
             let mut status = 0;
-            // SAFETY: waitpid on our own child, the zygote.
-            let reaped = unsafe { libc::waitpid(self.zygote_pid, &mut status, 0) } > 0;
-            let how = if reaped {
-                describe_status(self.zygote_pid, status, "zygote")
-            } else {
-                "its status is unknown".to_owned()
-            };
-            error!(self.log, "the fork backend's zygote died; fork sessions fail until the server restarts";
-                "zygote" => self.zygote_pid, "how" => how);
+            // SAFETY: waitpid on our own child.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r != 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    self.log,
+                    "the fork zygote did not stop; killing its process group"
+                );
+                // SAFETY: the zygote leads its own process group (workers included).
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        info!(self.log, "fork zygote stopped"; "pid" => pid);
     }
 }
 
-fn make_worker(pid: libc::pid_t, fds: Vec<OwnedFd>) -> Result<Worker, String> {
+/// Waits for a new zygote's `Ready` (at most `timeout`); false if it hung
+/// up, sent something else or took too long.
+fn await_ready(sock: &OwnedFd, timeout: Option<Duration>) -> bool {
+    if let Some(t) = timeout {
+        let _ = wire::set_recv_timeout(sock, Some(t));
+    }
+    let ready = matches!(
+        wire::recv_record(sock.as_raw_fd(), false),
+        Ok(Some((Record::Ready { .. }, _)))
+    );
+    if timeout.is_some() {
+        let _ = wire::set_recv_timeout(sock, None);
+    }
+    ready
+}
+
+fn make_worker(pid: libc::pid_t, gen: u64, fds: Vec<OwnedFd>) -> Result<Worker, String> {
     let [ctl, out, err]: [OwnedFd; 3] = fds
         .try_into()
         .map_err(|v: Vec<OwnedFd>| format!("worker {pid} came with {} fds, not 3", v.len()))?;
@@ -324,6 +527,7 @@ fn make_worker(pid: libc::pid_t, fds: Vec<OwnedFd>) -> Result<Worker, String> {
     }
     Ok(Worker {
         pid,
+        gen,
         ctl: UnixStream::from(ctl),
         out: [out, err],
     })
@@ -386,8 +590,7 @@ impl ForkBackend {
         log: Logger,
     ) -> Result<ForkBackend, String> {
         let started = Instant::now();
-        let ready = wire::recv_record(zygote.sock.as_raw_fd(), false);
-        if !matches!(ready, Ok(Some((Record::Ready { .. }, _)))) {
+        if !await_ready(&zygote.sock, None) {
             let mut status = 0;
             // SAFETY: waitpid on our own child.
             unsafe { libc::waitpid(zygote.pid, &mut status, 0) };
@@ -398,13 +601,21 @@ impl ForkBackend {
         }
         info!(log, "fork zygote ready"; "pid" => zygote.pid,
             "start_ms" => started.elapsed().as_millis() as u64);
+        let (stop_tx, stop_rx) = channel::bounded(1);
         let core = Arc::new(Core {
             config,
             log,
-            sock: zygote.sock,
-            zygote_pid: zygote.pid,
+            link: Mutex::new(Link {
+                gen: 0,
+                sock: Arc::new(zygote.sock),
+                pid: zygote.pid,
+                born: started,
+            }),
+            gen: AtomicU64::new(0),
             alive: AtomicBool::new(true),
             closing: AtomicBool::new(false),
+            stop_tx,
+            restarts: AtomicU64::new(0),
             next_token: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             warm: Mutex::new(Warm::default()),
@@ -415,9 +626,11 @@ impl ForkBackend {
             python_version: crate::engine::python::version(),
         });
         let c = Arc::clone(&core);
+        // This thread starts every replacement zygote, whose PR_SET_PDEATHSIG
+        // fires when the starting thread ends: it lives until the zygote is reaped.
         let reader = std::thread::Builder::new()
             .name("pyproxy-zygote".into())
-            .spawn(move || c.read_records())
+            .spawn(move || c.read_records(stop_rx))
             .map_err(|e| format!("cannot start the zygote reader thread: {e}"))?;
         core.refill();
         Ok(ForkBackend {
@@ -426,39 +639,21 @@ impl ForkBackend {
         })
     }
 
-    /// Ends the zygote (which ends every worker) and reaps it.
+    /// Ends the zygote (which ends every worker); the record reader reaps it.
     fn stop_zygote(&self) {
         let core = &self.core;
         core.closing.store(true, Ordering::SeqCst);
         lock(&core.warm).ready.clear();
-        // SAFETY: shutting down our socket; the zygote reads EOF.
-        unsafe { libc::shutdown(core.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        {
+            let link = lock(&core.link);
+            // SAFETY: shutting down our socket; the zygote reads EOF.
+            unsafe { libc::shutdown(link.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        // Wakes the reader if it waits to restart a dead zygote.
+        let _ = core.stop_tx.try_send(());
         if let Some(t) = lock(&self.reader).take() {
             let _ = t.join();
         }
-        let deadline = Instant::now() + core.config.kill_grace + Duration::from_secs(3);
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid on our own child.
-            let r = unsafe { libc::waitpid(core.zygote_pid, &mut status, libc::WNOHANG) };
-            if r != 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                warn!(
-                    core.log,
-                    "the fork zygote did not stop; killing its process group"
-                );
-                // SAFETY: the zygote leads its own process group (workers included).
-                unsafe {
-                    libc::kill(-core.zygote_pid, libc::SIGKILL);
-                    libc::waitpid(core.zygote_pid, &mut status, 0);
-                }
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        info!(core.log, "fork zygote stopped"; "pid" => core.zygote_pid);
     }
 }
 
@@ -527,5 +722,25 @@ mod tests {
             "worker pid 7 exited with code 3"
         );
         assert_eq!(signal_name(libc::SIGXCPU), "SIGXCPU");
+    }
+
+    #[test]
+    fn a_zygote_that_keeps_dying_is_restarted_less_and_less_often() {
+        let young = Duration::from_secs(1);
+        assert_eq!(restart_delay(None, young), RESTART_FIRST);
+        let mut wait = restart_delay(None, young);
+        let mut waits = vec![wait];
+        for _ in 0..12 {
+            wait = restart_delay(Some(wait), young);
+            waits.push(wait);
+        }
+        assert_eq!(waits[1], RESTART_FIRST * 2);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*waits.last().unwrap(), RESTART_MAX);
+        // One that served a while is replaced quickly again.
+        assert_eq!(
+            restart_delay(Some(RESTART_MAX), RESTART_STABLE),
+            RESTART_FIRST
+        );
     }
 }

@@ -31,7 +31,7 @@ use crate::protocol::{AtomResult, Buffer, FailureOrigin, Outcome, RemoteExceptio
 use crate::server::BackendSession;
 
 use super::wire::{self, WorkerOutcome};
-use super::{describe_status, lock, Core, Worker};
+use super::{describe_status, lock, Core, Wid, Worker};
 
 pub(crate) use crate::engine::Interruption;
 
@@ -233,8 +233,8 @@ fn ready_worker(core: &Core, cwd: Option<&Path>) -> Result<Worker, String> {
         match init_worker(&mut w, cwd) {
             Ok(()) => return Ok(w),
             Err(e) => {
-                core.terminate(w.pid);
-                core.forget(w.pid);
+                core.terminate(w.wid());
+                core.forget(w.wid());
                 last = e;
             }
         }
@@ -389,7 +389,7 @@ impl Runner {
         }
         if let Some(w) = &self.worker {
             info!(self.log, "interrupting atom"; "atom" => r.id, "reason" => format!("{reason:?}"));
-            self.core.signal(w.pid, libc::SIGINT);
+            self.core.signal(w.wid(), libc::SIGINT);
             r.interrupted = Some(reason);
             r.kill_at = Some(Instant::now() + self.core.config.kill_grace);
         }
@@ -479,7 +479,7 @@ impl Runner {
                 if let Some(w) = &self.worker {
                     warn!(self.log, "atom did not stop after SIGINT; killing its worker";
                         "atom" => r.id, "pid" => w.pid);
-                    self.core.signal(w.pid, libc::SIGKILL);
+                    self.core.signal(w.wid(), libc::SIGKILL);
                 }
                 r.kill_at = None;
             }
@@ -592,13 +592,14 @@ impl Runner {
     /// The worker broke the control protocol: end it and fail the atom; the
     /// session's next atom gets a fresh worker.
     fn worker_misbehaved(&mut self, r: Running, what: String) {
-        let pid = self
+        let wid = self
             .worker
             .as_ref()
             .expect("a running atom has a worker")
-            .pid;
-        self.core.terminate(pid);
-        self.core.forget(pid);
+            .wid();
+        let pid = wid.pid;
+        self.core.terminate(wid);
+        self.core.forget(wid);
         self.worker = None;
         self.end_atom(
             &r,
@@ -612,7 +613,7 @@ impl Runner {
     }
 
     fn worker_died(&mut self, r: Running) {
-        let Some(pid) = self.worker.as_ref().map(|w| w.pid) else {
+        let Some(wid) = self.worker.as_ref().map(Worker::wid) else {
             return;
         };
         // Read what it wrote before it died, while its pipes are still ours.
@@ -620,10 +621,7 @@ impl Runner {
             self.read_pipe(i, None, r.id);
         }
         self.worker = None;
-        let how = match self.core.wait_exit(pid, Duration::from_secs(2)) {
-            Some(status) => describe_status(pid, status, "worker"),
-            None => format!("worker pid {pid} hung up (its exit status is unknown)"),
-        };
+        let how = self.how_it_ended(wid);
         warn!(self.log, "fork worker died"; "atom" => r.id, "how" => &how);
         let result = match r.interrupted {
             Some(reason) => AtomResult {
@@ -644,11 +642,20 @@ impl Runner {
     /// The control socket became readable with no atom running: the worker died.
     fn idle_death(&mut self) {
         if let Some(w) = self.worker.take() {
-            let how = match self.core.wait_exit(w.pid, Duration::from_secs(2)) {
-                Some(status) => describe_status(w.pid, status, "worker"),
-                None => format!("worker pid {} hung up", w.pid),
-            };
+            let how = self.how_it_ended(w.wid());
             warn!(self.log, "idle fork worker ended; the next atom gets a fresh one"; "how" => how);
+        }
+    }
+
+    /// "worker pid 1234 was killed by signal 9 (SIGKILL)" and the like.
+    fn how_it_ended(&self, w: Wid) -> String {
+        match self.core.wait_exit(w, Duration::from_secs(2)) {
+            Some(status) => describe_status(w.pid, status, "worker"),
+            None if self.core.lost_with_zygote(w) => format!(
+                "worker pid {} ended with the fork backend's zygote, which died (see the server log)",
+                w.pid
+            ),
+            None => format!("worker pid {} hung up (its exit status is unknown)", w.pid),
         }
     }
 
@@ -691,17 +698,17 @@ impl Runner {
 
     fn close_down(mut self) {
         if let Some(w) = self.worker.take() {
-            let pid = w.pid;
-            self.core.terminate(pid);
+            let wid = w.wid();
+            self.core.terminate(wid);
             drop(w);
             if self.sandbox.is_some() {
                 // Nothing may still write into the sandbox when it is removed.
                 let wait = self.core.config.kill_grace + Duration::from_secs(1);
-                if self.core.wait_exit(pid, wait).is_none() {
-                    warn!(self.log, "fork worker did not end in time"; "pid" => pid);
+                if self.core.wait_exit(wid, wait).is_none() && !self.core.lost_with_zygote(wid) {
+                    warn!(self.log, "fork worker did not end in time"; "pid" => wid.pid);
                 }
             } else {
-                self.core.forget(pid);
+                self.core.forget(wid);
             }
         }
         if let Some(dir) = self.sandbox.take() {

@@ -427,6 +427,30 @@ pub fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets (`Some`) or clears (`None`) `SO_RCVTIMEO`: a receive that waits
+/// longer fails with `WouldBlock`.
+pub fn set_recv_timeout(sock: &OwnedFd, timeout: Option<std::time::Duration>) -> io::Result<()> {
+    let t = timeout.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt on a socket we own, from a timeval on our stack.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,9 @@
 //!
 //! Lifetimes: the zygote dies with the server (`PR_SET_PDEATHSIG`), a worker
 //! dies with the zygote (the same), so no process outlives a crashed server.
+//! A zygote that dies is replaced by this same binary run again
+//! ([`exec_zygote`], [`run_if_exec_zygote`]): only `exec` makes a new process
+//! safely from the multi-threaded server.
 //! When the server closes its socket (shutdown) the zygote SIGTERMs every
 //! worker, SIGKILLs what is left after the kill grace, reaps them all and
 //! exits 0.
@@ -67,6 +70,84 @@ pub fn fork_zygote(config: &ForkConfig) -> io::Result<ZygoteProcess> {
         pid,
         sock: server_end,
     })
+}
+
+/// Set in the environment of a zygote [`exec_zygote`] started: the fd of its
+/// end of the record socket, and the pid of the server that started it.
+const EXEC_FD_ENV: &str = "PYPROXY_ZYGOTE_FD";
+const EXEC_PARENT_ENV: &str = "PYPROXY_ZYGOTE_PARENT";
+
+/// Starts a new zygote from the running server, to replace one that died.
+/// Forking a multi-threaded process is only safe if the child calls `exec` at
+/// once, so this runs this same binary again (`/proc/self/exe`, the file the
+/// server started from even if it was replaced since) with the server's own
+/// arguments; [`run_if_exec_zygote`], early in its `main`, makes it the zygote.
+/// The zygote's `PR_SET_PDEATHSIG` fires when the *thread* that started it
+/// ends, so the calling thread must outlive it.
+pub fn exec_zygote() -> io::Result<ZygoteProcess> {
+    use std::os::unix::process::CommandExt;
+    let (server_end, zygote_end) = socketpair(libc::SOCK_SEQPACKET)?;
+    let fd = zygote_end.as_raw_fd();
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.args(std::env::args_os().skip(1))
+        .env(EXEC_FD_ENV, CTL_FD.to_string())
+        .env(EXEC_PARENT_ENV, std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: between fork and exec the closure only calls dup2 and fcntl,
+    // which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The socket is close-on-exec: dup2 makes an inheritable copy at
+            // CTL_FD, unless it is already there, when the flag is cleared.
+            let r = if fd == CTL_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, CTL_FD)
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(zygote_end);
+    Ok(ZygoteProcess {
+        pid: child.id() as libc::pid_t,
+        sock: server_end,
+    })
+}
+
+/// In a process [`exec_zygote`] started, runs the zygote and exits; anywhere
+/// else returns at once. Call first thing in `main`, while the process has
+/// one thread.
+pub fn run_if_exec_zygote(config: &ForkConfig) {
+    let Some(fd) = std::env::var_os(EXEC_FD_ENV) else {
+        return;
+    };
+    let parent = std::env::var(EXEC_PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok());
+    // Not for the workers to see. (One thread: changing the environment is safe.)
+    std::env::remove_var(EXEC_FD_ENV);
+    std::env::remove_var(EXEC_PARENT_ENV);
+    let fd = fd.to_str().and_then(|f| f.parse::<RawFd>().ok());
+    // SAFETY: getppid has no preconditions.
+    let (Some(fd), Some(parent)) = (fd, parent.filter(|&p| p == unsafe { libc::getppid() })) else {
+        say(&format!(
+            "{EXEC_FD_ENV} is set, but this process was not started by pyproxy-server as its \
+             zygote; unset it to run the server"
+        ));
+        std::process::exit(2);
+    };
+    // SAFETY: the fd `exec_zygote` gave this process; nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: setting close-on-exec on our own fd.
+    unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let code = zygote_main(sock, config, parent);
+    // SAFETY: leave at once, as the forked zygote does.
+    unsafe { libc::_exit(code) }
 }
 
 fn socketpair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
