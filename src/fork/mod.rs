@@ -346,6 +346,14 @@ impl Core {
                 self.reap_at_shutdown(pid);
                 return;
             }
+            // Its socket ended or failed, so it is dead or of no use: make sure
+            // it is gone before waiting for it. (Unreaped, its pid and process
+            // group cannot belong to anyone else yet.)
+            // SAFETY: signals to our own child and the process group it leads.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+                libc::kill(pid, libc::SIGKILL);
+            }
             let mut status = 0;
             // SAFETY: waitpid on our own child, the zygote.
             let reaped = unsafe { libc::waitpid(pid, &mut status, 0) } > 0;
