@@ -1345,6 +1345,9 @@ pub fn run_attach(
     if !early.is_empty() {
         session.client_sent_on_output(early);
     }
+    // The watcher reads the stream from here on: its buffer would sit idle for
+    // the session's life (W7: 1,000 sessions).
+    drop(reader);
     if let Some(w) = output_writer {
         session.output_writer(w);
     }
