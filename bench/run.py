@@ -503,6 +503,31 @@ def w7_result(cfg, once) -> dict:
     return res
 
 
+def w7_own_server(cfg, start, open_one, close_one) -> dict:
+    """W7 for a peer: `start()` starts a server of its own, so that its peak RSS is W7's
+    alone as PyProxy's is, and returns (process, address); `open_one(address)` opens one
+    client and returns it with the value of one no-op; `close_one(client)` closes it after
+    the timer."""
+    n = cfg.w7_sessions
+
+    def once():
+        proc, address = start()
+        try:
+            t = time.perf_counter()
+            with ThreadPoolExecutor(cfg.w7_connectors) as pool:
+                pairs = list(pool.map(lambda _i: open_one(address), range(n)))
+            wall = time.perf_counter() - t
+            rss = peak_rss_mib(proc.pid)
+            assert all(v == 5 for _c, v in pairs)
+            for c, _v in pairs:
+                close_one(c)
+        finally:
+            stop(proc)
+        return {"wall_s": wall, "rss_mib": rss, "sessions": n}
+
+    return w7_result(cfg, once)
+
+
 def w6(cfg, w3_once) -> dict:
     idle = [ticker_while(None) for _ in range(cfg.w6_reps)]
     busy = [ticker_while(w3_once) for _ in range(cfg.w6_reps)]
@@ -611,30 +636,12 @@ def run_rpyc(cfg, out: dict) -> dict:
                 lambda c: c.close(),
             )
         if "w7" in cfg.workloads:
-            n7 = cfg.w7_sessions
 
-            def w7_once():
-                # A server of its own, as PyProxy's: its peak RSS is W7's alone.
-                proc7, port7 = rpyc_server("ThreadedServer")
-                try:
+            def open_one(port7):
+                c = rpyc.classic.connect("127.0.0.1", port7)
+                return c, c.eval("(lambda: 5)()")
 
-                    def one(_i):
-                        c = rpyc.classic.connect("127.0.0.1", port7)
-                        return c, c.eval("(lambda: 5)()")
-
-                    t = time.perf_counter()
-                    with ThreadPoolExecutor(cfg.w7_connectors) as pool:
-                        conns = list(pool.map(one, range(n7)))
-                    wall = time.perf_counter() - t
-                    rss = peak_rss_mib(proc7.pid)
-                    assert all(v == 5 for _c, v in conns)
-                    for c, _v in conns:
-                        c.close()
-                finally:
-                    stop(proc7)
-                return {"wall_s": wall, "rss_mib": rss, "sessions": n7}
-
-            out["w7"] = w7_result(cfg, w7_once)
+            out["w7"] = w7_own_server(cfg, lambda: rpyc_server("ThreadedServer"), open_one, lambda c: c.close())
     finally:
         stop(proc)
     if "w2" in cfg.workloads:
@@ -978,31 +985,20 @@ def run_pyro5(cfg, out: dict) -> dict:
             # _pyroRelease() is what the proxy's `with` runs on exit.
             out["w5"] = w5_result(cfg, lambda: Pyro5.api.Proxy(uri), lambda px: px.noop(), lambda px: px._pyroRelease())
         if "w7" in cfg.workloads:
-            n7 = cfg.w7_sessions
 
-            def w7_once():
-                # A server of its own, as PyProxy's: its peak RSS is W7's alone.
+            def start7():
                 proc7, m7 = start_listening([sys.executable, "-c", PYRO_SERVER], r"pyro uri (\S+)")
-                try:
+                return proc7, m7.group(1)
 
-                    def one(_i):
-                        px = Pyro5.api.Proxy(m7.group(1))
-                        return px, px.noop()
+            def open_one(uri7):
+                px = Pyro5.api.Proxy(uri7)
+                return px, px.noop()
 
-                    t = time.perf_counter()
-                    with ThreadPoolExecutor(cfg.w7_connectors) as pool:
-                        proxies = list(pool.map(one, range(n7)))
-                    wall = time.perf_counter() - t
-                    rss = peak_rss_mib(proc7.pid)
-                    assert all(v == 5 for _p, v in proxies)
-                    for px, _v in proxies:
-                        px._pyroClaimOwnership()
-                        px._pyroRelease()
-                finally:
-                    stop(proc7)
-                return {"wall_s": wall, "rss_mib": rss, "sessions": n7}
+            def close_one(px):
+                px._pyroClaimOwnership()  # opened in a pool thread
+                px._pyroRelease()
 
-            out["w7"] = w7_result(cfg, w7_once)
+            out["w7"] = w7_own_server(cfg, start7, open_one, close_one)
     finally:
         stop(proc)
     return out
