@@ -308,7 +308,10 @@ impl Core {
                 return Some(s);
             }
             let now = Instant::now();
-            if now >= deadline || self.lost_with_zygote(w) {
+            if self.lost_with_zygote(w) {
+                return None;
+            }
+            if now >= deadline {
                 lock(&self.abandoned).insert(w);
                 return None;
             }
@@ -321,7 +324,8 @@ impl Core {
     }
 
     fn forget(&self, w: Wid) {
-        if lock(&self.exits).remove(&w).is_none() {
+        // A dead zygote reports no more exits: nothing to wait for.
+        if lock(&self.exits).remove(&w).is_none() && !self.lost_with_zygote(w) {
             lock(&self.abandoned).insert(w);
         }
     }
@@ -341,6 +345,9 @@ impl Core {
             self.alive.store(false, Ordering::SeqCst);
             lock(&self.pending).clear();
             *lock(&self.warm) = Warm::default();
+            // No exit of this generation will come or be asked for any more.
+            lock(&self.abandoned).retain(|w| w.gen != gen);
+            lock(&self.exits).retain(|w, _| w.gen != gen);
             self.exit_cv.notify_all();
             if self.closing.load(Ordering::SeqCst) {
                 self.reap_at_shutdown(pid);
