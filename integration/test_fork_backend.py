@@ -267,6 +267,29 @@ def test_the_servers_token_is_not_in_a_workers_environment(start_server):
         assert srv.token.encode() not in block
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs the server to run as root")
+def test_a_worker_that_cannot_start_fails_the_first_atom_saying_why(start_server, request_cleanup):
+    import shutil
+    import tempfile
+
+    # Only root may enter this directory: a worker running as nobody cannot enter its
+    # session's sandbox below it, so no worker can start for the session.
+    root = Path(tempfile.mkdtemp(prefix="pyproxy-sandboxes-", dir="/tmp"))
+    root.chmod(0o700)
+    request_cleanup.append(lambda: shutil.rmtree(root, ignore_errors=True))
+    srv = start_server(user="nobody", sandbox_dir=root)
+    with open_session(srv) as s:
+        with pytest.raises(pyproxy.RemoteError, match="the worker did not start") as e:
+            s.eval("1 + 1").result(timeout=30)
+        assert "Permission denied" in str(e.value) or "PermissionError" in str(e.value), e.value
+        # The session stays usable: each atom tries again, and says so again.
+        with pytest.raises(pyproxy.RemoteError, match="the worker did not start"):
+            s.eval("2 + 2").result(timeout=30)
+    # The sub-interpreter backend is not affected.
+    with open_session(srv, backend="subinterp") as s:
+        assert s.eval("1 + 1").result(timeout=10) == 2
+
+
 def test_user_without_root_or_unknown_user_is_refused(start_server):
     from conftest import SERVER_BIN
     import subprocess

@@ -222,7 +222,7 @@ impl Core {
         w.gen != self.gen.load(Ordering::SeqCst) || !self.alive.load(Ordering::SeqCst)
     }
 
-    fn dead_message(&self) -> String {
+    pub(crate) fn dead_message(&self) -> String {
         if self.closing.load(Ordering::SeqCst) {
             return "the fork backend is shutting down".to_owned();
         }

@@ -139,8 +139,10 @@ impl BackendSession for ForkSession {
     }
 }
 
-/// Opens a session: its sandbox directory, a (warm) worker started in it,
-/// and its thread.
+/// Opens a session: its sandbox directory and its thread, which readies a
+/// (warm) worker in it while WELCOME travels and the client sends its first
+/// atom, rather than before WELCOME. A worker that cannot be had fails the
+/// session's first atom (a dead zygote still refuses the session here).
 pub(crate) fn open(
     core: &Arc<Core>,
     session_id: u64,
@@ -150,28 +152,20 @@ pub(crate) fn open(
     if core.closing.load(std::sync::atomic::Ordering::SeqCst) {
         return Err("the server is shutting down".into());
     }
+    if !core.alive.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(core.dead_message());
+    }
+    let ctl = Arc::new(Control::new().map_err(|e| e.to_string())?);
     let sandbox = match &core.config.sandbox_dir {
         Some(dir) => Some(make_sandbox(core, dir, session_id)?),
         None => None,
     };
-    let worker = match ready_worker(core, sandbox.as_deref()) {
-        Ok(w) => w,
-        Err(e) => {
-            if let Some(dir) = &sandbox {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            return Err(e);
-        }
-    };
-    let ctl = Arc::new(Control::new().map_err(|e| e.to_string())?);
-    info!(log, "fork worker attached"; "pid" => worker.pid,
-        "sandbox" => sandbox.as_ref().map(|p| p.display().to_string()));
     let runner = Runner {
         core: Arc::clone(core),
         ctl: Arc::clone(&ctl),
         sink,
         log,
-        worker: Some(worker),
+        worker: None,
         sandbox,
         split: [
             Splitter::new(core.config.max_line),
@@ -180,10 +174,16 @@ pub(crate) fn open(
         buf: vec![0u8; READ_CHUNK],
         pipes_rest_until: None,
     };
+    let sandbox = runner.sandbox.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pyproxy-fork-{session_id}"))
         .spawn(move || runner.run())
-        .map_err(|e| format!("cannot start the session thread: {e}"))?;
+        .map_err(|e| {
+            if let Some(dir) = &sandbox {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            format!("cannot start the session thread: {e}")
+        })?;
     *lock(&ctl.thread) = Some(thread);
     lock(&core.sessions).insert(session_id, Arc::clone(&ctl));
     Ok(ForkSession {
@@ -293,6 +293,15 @@ const READ_CHUNK: usize = 64 * 1024;
 
 impl Runner {
     fn run(mut self) {
+        match ready_worker(&self.core, self.sandbox.as_deref()) {
+            Ok(w) => {
+                info!(self.log, "fork worker attached"; "pid" => w.pid,
+                    "sandbox" => self.sandbox.as_ref().map(|p| p.display().to_string()));
+                self.worker = Some(w);
+            }
+            Err(e) => warn!(self.log, "no worker for the new session; its first atom tries again";
+                "error" => &e),
+        }
         let mut cur: Option<Running> = None;
         loop {
             let mut next = None;
