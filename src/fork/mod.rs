@@ -172,8 +172,6 @@ pub(crate) struct Core {
     config: ForkConfig,
     log: Logger,
     link: Mutex<Link>,
-    /// The current link's generation (read without its lock).
-    gen: AtomicU64,
     /// True while the current zygote serves: false from its death until a
     /// replacement is ready, and after shutdown.
     alive: AtomicBool,
@@ -219,7 +217,7 @@ impl Core {
 
     /// Whether `w`'s zygote died (so `w` died with it, `PR_SET_PDEATHSIG`).
     pub(crate) fn lost_with_zygote(&self, w: Wid) -> bool {
-        w.gen != self.gen.load(Ordering::SeqCst) || !self.alive.load(Ordering::SeqCst)
+        w.gen != lock(&self.link).gen || !self.alive.load(Ordering::SeqCst)
     }
 
     pub(crate) fn dead_message(&self) -> String {
@@ -353,22 +351,8 @@ impl Core {
                 self.reap_at_shutdown(pid);
                 return;
             }
-            // Its socket ended or failed, so it is dead or of no use: make sure
-            // it is gone before waiting for it. (Unreaped, its pid and process
-            // group cannot belong to anyone else yet.)
-            // SAFETY: signals to our own child and the process group it leads.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-                libc::kill(pid, libc::SIGKILL);
-            }
-            let mut status = 0;
-            // SAFETY: waitpid on our own child, the zygote.
-            let reaped = unsafe { libc::waitpid(pid, &mut status, 0) } > 0;
-            let how = if reaped {
-                describe_status(pid, status, "zygote")
-            } else {
-                "its status is unknown".to_owned()
-            };
+            // Its socket ended or failed, so it is dead or of no use.
+            let how = kill_and_reap(pid);
             let mut wait = restart_delay(delay, born.elapsed());
             error!(self.log, "the fork backend's zygote died, and its workers with it; starting a new one";
                 "zygote" => pid, "how" => how, "restart_in_ms" => wait.as_millis() as u64);
@@ -381,7 +365,7 @@ impl Core {
                 if stopped || self.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                match self.restart(gen + 1) {
+                match self.restart() {
                     Ok(()) => break,
                     Err(e) => {
                         wait = restart_delay(delay, Duration::ZERO);
@@ -393,19 +377,21 @@ impl Core {
         }
     }
 
-    /// Starts zygote generation `gen` in place of a dead one and waits until
-    /// it is ready; on failure it is gone again (killed and reaped).
-    fn restart(&self, gen: u64) -> Result<(), String> {
+    /// Starts the next generation of zygote in place of a dead one and waits
+    /// until it is ready; on failure it is gone again (killed and reaped).
+    fn restart(&self) -> Result<(), String> {
         let started = Instant::now();
         let z = zygote::exec_zygote().map_err(|e| format!("cannot run the server binary: {e}"))?;
         let sock = Arc::new(z.sock);
-        *lock(&self.link) = Link {
-            gen,
-            sock: Arc::clone(&sock),
-            pid: z.pid,
-            born: started,
-        };
-        self.gen.store(gen, Ordering::SeqCst);
+        {
+            let mut link = lock(&self.link);
+            *link = Link {
+                gen: link.gen + 1,
+                sock: Arc::clone(&sock),
+                pid: z.pid,
+                born: started,
+            };
+        }
         // A shutdown that began meanwhile shut down the socket it found,
         // perhaps the dead zygote's: this one must see it too.
         if self.closing.load(Ordering::SeqCst) {
@@ -413,20 +399,11 @@ impl Core {
             unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
         }
         if !await_ready(&sock, Some(RESTART_READY_WAIT)) {
-            // SAFETY: our child, which leads its own process group once it
-            // got that far (the second kill covers the case it did not).
-            unsafe {
-                libc::kill(-z.pid, libc::SIGKILL);
-                libc::kill(z.pid, libc::SIGKILL);
-            }
-            let mut status = 0;
-            // SAFETY: waitpid on our own child.
-            unsafe { libc::waitpid(z.pid, &mut status, 0) };
             return Err(format!(
-                "the new zygote was not ready within {} s ({}); its message, if any, is in \
-                 the log above",
+                "the new zygote hung up or was not ready within {} s ({}); its message, if \
+                 any, is in the log above",
                 RESTART_READY_WAIT.as_secs(),
-                describe_status(z.pid, status, "zygote")
+                kill_and_reap(z.pid)
             ));
         }
         self.alive.store(true, Ordering::SeqCst);
@@ -514,6 +491,25 @@ impl Core {
             std::thread::sleep(Duration::from_millis(5));
         }
         info!(self.log, "fork zygote stopped"; "pid" => pid);
+    }
+}
+
+/// Ends zygote `pid` and its workers if they still live, reaps it, and says
+/// how it ended. (Unreaped, its pid and process group cannot belong to
+/// anyone else yet.)
+fn kill_and_reap(pid: libc::pid_t) -> String {
+    // SAFETY: signals to our own child and the process group it leads (the
+    // second covers a zygote that died before it made its group).
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } > 0 {
+        describe_status(pid, status, "zygote")
+    } else {
+        "its status is unknown".to_owned()
     }
 }
 
@@ -626,7 +622,6 @@ impl ForkBackend {
                 pid: zygote.pid,
                 born: started,
             }),
-            gen: AtomicU64::new(0),
             alive: AtomicBool::new(true),
             closing: AtomicBool::new(false),
             stop_tx,
