@@ -25,10 +25,13 @@ def open_session(server, backend="fork", **kwargs) -> PyProxySession:
     return s
 
 
-def descendants(pid: int) -> dict[int, str]:
-    """pid -> state letter of every process below `pid`."""
-    children: dict[int, list[int]] = {}
-    states: dict[int, str] = {}
+def process_table() -> dict[int, tuple[str, int]]:
+    """pid -> (state letter, parent pid) of every process, read in one pass over /proc.
+
+    A process may end while we read; it is left out rather than read again later, so callers
+    work on one snapshot and never on a pid that is gone.
+    """
+    table: dict[int, tuple[str, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -36,14 +39,23 @@ def descendants(pid: int) -> dict[int, str]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
+        # The command name may hold spaces or parentheses; the fields after its last ")" do not.
         rest = stat[stat.rindex(")") + 2:].split()
-        states[int(entry)] = rest[0]
-        children.setdefault(int(rest[1]), []).append(int(entry))
+        table[int(entry)] = (rest[0], int(rest[1]))
+    return table
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> state letter of every process below `pid`."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for p, (_, ppid) in table.items():
+        children.setdefault(ppid, []).append(p)
     found: dict[int, str] = {}
     todo = [pid]
     while todo:
         for c in children.get(todo.pop(), []):
-            found[c] = states[c]
+            found[c] = table[c][0]
             todo.append(c)
     return found
 
@@ -370,7 +382,8 @@ def test_a_zygote_environment_outside_a_server_is_refused(tmp_path):
 
 
 def zygotes_of(srv) -> list[int]:
-    return [p for p in descendants(srv.proc.pid) if Path(f"/proc/{p}/stat").read_text().split()[3] == str(srv.proc.pid)]
+    """The server's direct children: its zygotes. Workers are the zygotes' children."""
+    return sorted(p for p, (_, ppid) in process_table().items() if ppid == srv.proc.pid)
 
 
 def test_a_dead_zygote_is_replaced_and_its_sessions_carry_on(start_server):
