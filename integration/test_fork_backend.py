@@ -413,6 +413,8 @@ def test_a_dead_zygote_is_replaced_and_its_sessions_carry_on(start_server):
 
         opened: list = []
         assert wait_for(lambda: opened.append(open_fork()) or opened[-1] is not None, timeout=20), srv.log_text()
+        # Each refused open is one line in the server's log, not one per layer that saw it.
+        assert srv.log_text().count("is being restarted") == opened.count(None), srv.log_text()
         with opened[-1] as s:
             new_zygote = s.eval("import os; os.getppid()").result(timeout=10)
         assert new_zygote != zygote and zygotes_of(srv) == [new_zygote]

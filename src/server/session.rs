@@ -1119,7 +1119,7 @@ pub fn run_main(
     match shared.backend.open_named(&backend, id, sink, log.clone()) {
         Ok(engine) => *lock(&session.engine) = Some(engine),
         Err(e) => {
-            warn!(log, "the engine could not open the session"; "error" => %e);
+            // Logged once, by `session ended` (WARN, reason "engine failed: …").
             refuse(
                 &mut writer,
                 ErrorCode::Internal,
