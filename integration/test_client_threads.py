@@ -179,7 +179,16 @@ def test_server_shutdown_fails_queued_and_unstarted_atoms_as_session_closed(serv
     s.close()
 
 
-def test_ctrl_c_interrupts_a_blocking_wait(server):
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler, whatever this process inherited: a shell starts a
+    background job with SIGINT ignored, and Python then never installs its handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_interrupts_a_blocking_wait(server, sigint_raises):
     # wait() sleeps without the GIL; it must still let KeyboardInterrupt through promptly.
     with PyProxySession(server.address, token=server.token) as s:
         f = s.eval("while True:\n    pass")
