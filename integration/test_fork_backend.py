@@ -256,9 +256,29 @@ def test_user_runs_atoms_as_that_user_in_its_sandbox(start_server, request_clean
         # can read, imports: here Python lives under /root, which nobody cannot read.)
         f = s.eval("import os; os.system('id -u')")
         assert list(s.output(f, timeout=10)) == [(1, str(nobody.pw_uid))]
-    # The sub-interpreter backend runs in the server process, as the server's user.
+    # The sub-interpreter backend runs in the server process, as the server's user,
+    # and the server says so when it starts (--backends fork leaves it out).
     with open_session(srv, backend="subinterp") as s:
         assert s.eval("import os; os.getuid()").result(timeout=10) == 0
+    assert "pass --backends fork" in srv.log_text()
+
+
+def test_backends_fork_runs_only_isolated_sessions(start_server):
+    srv = start_server(backends="fork")
+    with open_session(srv, backend=None) as s:
+        # A session that names no backend gets the one that runs.
+        assert s.eval("import os; os.getpid()").result(timeout=10) != srv.proc.pid
+    with pytest.raises(pyproxy.SessionRefused, match="not available on this server; it runs `fork`"):
+        open_session(srv, backend="subinterp")
+    log = srv.log_text()
+    assert "engine started" not in log and "fork zygote ready" in log
+    assert "pass --backends fork" not in log
+    # A default that is left out is a usage error.
+    r = subprocess.run(
+        [str(SERVER_BIN), "--listen", "127.0.0.1:0", "--backends", "fork", "--backend", "subinterp"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2 and "--backend subinterp is not among --backends fork" in r.stderr, r
 
 
 def test_the_servers_token_is_not_in_a_workers_environment(start_server):

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use clap::Parser;
-use slog::o;
+use slog::{o, warn};
 
 use pyproxy::engine::Engine;
 use pyproxy::fork::{self, ForkBackend};
@@ -34,30 +34,61 @@ fn run(cli: Cli) -> Result<(), ServerError> {
     let config = cli.into_config(env_token)?;
     // A replacement zygote is this binary run again by the server (see `exec_zygote`).
     fork::zygote::run_if_exec_zygote(&config.fork);
-    let zygote = fork::fork_zygote(&config.fork)
-        .map_err(|e| ServerError::Engine(format!("cannot fork the fork backend's zygote: {e}")))?;
+    // Forked first, while this process has one thread.
+    let zygote = match config.runs(BackendKind::Fork) {
+        true => Some(fork::fork_zygote(&config.fork).map_err(|e| {
+            ServerError::Engine(format!("cannot fork the fork backend's zygote: {e}"))
+        })?),
+        false => None,
+    };
     let routes = LogRoutes::new();
     let log = build_logger(config.log_format, config.log_level, Arc::clone(&routes));
     let token = token::resolve(&config.token_source)?;
-
-    let engine = Engine::start(config.engine.clone(), log.new(o!("component" => "engine")))
-        .map_err(|e| ServerError::Engine(e.to_string()))?;
-    let engine: Arc<dyn Backend> = Arc::new(engine);
-    let forker = match ForkBackend::start(
-        zygote,
-        config.fork.clone(),
-        log.new(o!("component" => "fork")),
-    ) {
-        Ok(f) => Arc::new(f) as Arc<dyn Backend>,
-        Err(e) => {
-            engine.shutdown(config.limits.shutdown_grace);
-            return Err(ServerError::Engine(e));
-        }
-    };
-    let mut list = vec![("subinterp", engine), (fork::NAME, forker)];
-    if config.backend == BackendKind::Fork {
-        list.reverse();
+    if config.fork.user.is_some() && config.runs(BackendKind::Subinterp) {
+        warn!(
+            log,
+            "--user applies to fork workers only: a client that asks for the subinterp \
+                    backend runs code inside this server as its own user; pass --backends fork \
+                    to allow only isolated sessions"
+        );
     }
+
+    // The engine first: it initialises CPython on this thread, before any other exists.
+    let engine: Option<Arc<dyn Backend>> = match config.runs(BackendKind::Subinterp) {
+        true => Some(Arc::new(
+            Engine::start(config.engine.clone(), log.new(o!("component" => "engine")))
+                .map_err(|e| ServerError::Engine(e.to_string()))?,
+        )),
+        false => None,
+    };
+    let forker: Option<Arc<dyn Backend>> = match zygote {
+        Some(z) => {
+            match ForkBackend::start(z, config.fork.clone(), log.new(o!("component" => "fork"))) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    if let Some(engine) = &engine {
+                        engine.shutdown(config.limits.shutdown_grace);
+                    }
+                    return Err(ServerError::Engine(e));
+                }
+            }
+        }
+        None => None,
+    };
+    let list = config
+        .backends
+        .iter()
+        .map(|kind| {
+            let started = match kind {
+                BackendKind::Subinterp => &engine,
+                BackendKind::Fork => &forker,
+            };
+            let started = started
+                .clone()
+                .expect("every backend in --backends was started");
+            (kind.name(), started)
+        })
+        .collect();
     let backend: Arc<dyn Backend> = Arc::new(Backends::new(list));
 
     let server = match Server::bind(&config, token, Arc::clone(&backend), log.clone(), routes) {

@@ -43,10 +43,18 @@ pub struct Cli {
     #[arg(long, default_value = "127.0.0.1:9000", value_name = "HOST:PORT")]
     pub listen: String,
 
-    /// Default execution backend, for sessions that ask for none (both always run;
-    /// a client picks one per session with PyProxySession(..., backend=...)).
-    #[arg(long, value_enum, default_value_t = BackendKind::Subinterp)]
-    pub backend: BackendKind,
+    /// Default execution backend, for sessions that ask for none (a client picks one per
+    /// session with PyProxySession(..., backend=...)) [default: subinterp if --backends
+    /// has it, else fork].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+
+    /// The backends clients may use, comma-separated. Only `fork` isolates a session from
+    /// the server (with --user, as another user): a sub-interpreter runs inside the
+    /// server's process as the server's user, so `--backends fork` when that matters.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST",
+          default_values_t = [BackendKind::Subinterp, BackendKind::Fork])]
+    pub backends: Vec<BackendKind>,
 
     /// Executor threads shared by all sessions [default: number of cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -344,8 +352,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub token_source: TokenSource,
     pub engine: EngineConfig,
-    /// The default backend (`--backend`); both run.
-    pub backend: BackendKind,
+    /// The backends that run (`--backends`), the default (`--backend`) first.
+    pub backends: Vec<BackendKind>,
     pub fork: ForkConfig,
     pub log_level: slog::Level,
     pub log_format: LogFormat,
@@ -368,6 +376,13 @@ impl Cli {
                 Some(lookup_user(name)?)
             }
         };
+        let backends = self.checked_backends()?;
+        if user.is_some() && !backends.contains(&BackendKind::Fork) {
+            return Err(ServerError::Config(
+                "--user sets the fork backend's workers' user, but --backends leaves fork out"
+                    .to_owned(),
+            ));
+        }
         if let Some(dir) = &self.sandbox_dir {
             if !dir.is_dir() {
                 return Err(ServerError::Config(format!(
@@ -461,11 +476,45 @@ impl Cli {
             limits,
             token_source,
             engine,
-            backend: self.backend,
+            backends,
             fork,
             log_level: self.log_level.to_slog(),
             log_format: self.log_format,
         })
+    }
+}
+
+impl Cli {
+    /// `--backends` without repeats, the default (`--backend`, which must be one of them) first.
+    fn checked_backends(&self) -> Result<Vec<BackendKind>, ServerError> {
+        let mut list: Vec<BackendKind> = Vec::new();
+        for b in &self.backends {
+            if !list.contains(b) {
+                list.push(*b);
+            }
+        }
+        let default = match self.backend {
+            Some(b) if !list.contains(&b) => {
+                return Err(ServerError::Config(format!(
+                    "--backend {} is not among --backends {}",
+                    b.name(),
+                    list.iter().map(|b| b.name()).collect::<Vec<_>>().join(",")
+                )))
+            }
+            Some(b) => b,
+            None if list.contains(&BackendKind::Subinterp) => BackendKind::Subinterp,
+            None => list[0],
+        };
+        list.retain(|b| *b != default);
+        list.insert(0, default);
+        Ok(list)
+    }
+}
+
+impl ServerConfig {
+    /// Whether clients may use `backend`.
+    pub fn runs(&self, backend: BackendKind) -> bool {
+        self.backends.contains(&backend)
     }
 }
 
@@ -522,7 +571,7 @@ mod tests {
             "0.5",
         ])
         .unwrap();
-        assert_eq!(c.backend, BackendKind::Fork);
+        assert_eq!(c.backends, [BackendKind::Fork, BackendKind::Subinterp]);
         assert_eq!(c.fork.limits.memory, Some(200 << 20));
         assert_eq!(c.fork.limits.cpu_seconds, Some(5));
         assert_eq!(c.fork.limits.files, Some(64));
@@ -532,6 +581,25 @@ mod tests {
         assert!(parse(&["--sandbox-dir", "/nonexistent/pyproxy"]).is_err());
         assert_eq!(parse_size("2G"), Ok(2 << 30));
         assert_eq!(parse_size("4096"), Ok(4096));
+    }
+
+    #[test]
+    fn backends_run_as_listed_with_the_default_first() {
+        use BackendKind::{Fork, Subinterp};
+        assert_eq!(parse(&[]).unwrap().backends, [Subinterp, Fork]);
+        let only_fork = parse(&["--backends", "fork"]).unwrap();
+        assert_eq!(only_fork.backends, [Fork]);
+        assert!(only_fork.runs(Fork) && !only_fork.runs(Subinterp));
+        assert_eq!(
+            parse(&["--backends", "fork,subinterp,fork"])
+                .unwrap()
+                .backends,
+            [Subinterp, Fork]
+        );
+        let err = parse(&["--backends", "fork", "--backend", "subinterp"]).unwrap_err();
+        assert!(err.contains("not among --backends fork"), "{err}");
+        assert!(parse(&["--backends", "threads"]).is_err());
+        assert!(parse(&["--backends", ""]).is_err());
     }
 
     #[test]
