@@ -123,6 +123,29 @@ def test_c_level_and_subprocess_output_is_captured_in_order_with_print(fork):
     assert [l for fd, l in lines if fd == 2] == ["err via fd 2"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of `pid` and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_atom_that_closes_its_stdout_leaves_the_server_idle(server, fork):
+    # Silencing a noisy library by pointing fd 1 at /dev/null ends the stdout pipe
+    # (its one writer is gone): the session must stop polling it, not spin on EOF.
+    silence = "import os; os.dup2(os.open(os.devnull, os.O_WRONLY), 1)"
+    assert fork.eval(silence).result(timeout=10) == 1
+    before = cpu_seconds(server.proc.pid)
+    f = fork.eval("import os, time; time.sleep(1); os.write(2, b'still here\\n'); 'done'")
+    assert f.result(timeout=10) == "done"
+    used = cpu_seconds(server.proc.pid) - before
+    assert used < 0.3, f"the server used {used:.2f} s of CPU while the atom slept 1 s"
+    # Its other stream still arrives, and later atoms of the session run.
+    assert list(fork.output(f, timeout=10)) == [(2, "still here")]
+    g = fork.eval("import sys; print('lost'); sys.stderr.write('kept\\n'); 7")
+    assert g.result(timeout=10) == 7
+    assert list(fork.output(g, timeout=10)) == [(2, "kept")]
+
+
 @pytest.mark.parametrize("backend", ["subinterp", "fork"])
 def test_value_exception_and_output_order_on_both_backends(server, backend):
     with open_session(server, backend=backend) as s:

@@ -120,6 +120,10 @@ pub(crate) struct Worker {
     pub ctl: UnixStream,
     /// Read ends of its stdout and stderr pipes, nonblocking.
     pub out: [OwnedFd; 2],
+    /// Pipes at EOF: the worker closed or replaced its fd 1 or 2 (and no child
+    /// holds a copy), so nothing can write them again; poll would report them
+    /// readable for ever.
+    pub out_ended: [bool; 2],
 }
 
 impl Worker {
@@ -541,6 +545,7 @@ fn make_worker(pid: libc::pid_t, gen: u64, fds: Vec<OwnedFd>) -> Result<Worker, 
         gen,
         ctl: UnixStream::from(ctl),
         out: [out, err],
+        out_ended: [false; 2],
     })
 }
 

@@ -420,9 +420,10 @@ impl Runner {
                 revents: 0,
             });
             if cur.is_some() && rest.is_none() {
-                for fd in &w.out {
+                for (fd, ended) in w.out.iter().zip(w.out_ended) {
                     fds.push(libc::pollfd {
-                        fd: fd.as_raw_fd(),
+                        // poll skips a negative fd (and leaves its revents 0).
+                        fd: if ended { -1 } else { fd.as_raw_fd() },
                         events: libc::POLLIN,
                         revents: 0,
                     });
@@ -678,8 +679,14 @@ impl Runner {
         loop {
             // SAFETY: reading into our buffer from our nonblocking pipe.
             let n = unsafe { libc::read(fd, self.buf.as_mut_ptr().cast(), self.buf.len()) };
-            if n <= 0 {
-                if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            if n == 0 {
+                if let Some(w) = &mut self.worker {
+                    w.out_ended[i] = true;
+                }
+                return total;
+            }
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return total;
