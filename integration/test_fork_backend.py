@@ -413,6 +413,32 @@ def test_many_atoms_many_sessions_in_parallel(server):
             s.close()
 
 
+def test_a_replacement_zygote_resolves_relative_paths_as_the_server_did(start_server, tmp_path):
+    # The server starts in tmp_path, then moves into --workdir; the replacement zygote
+    # parses the same command line and must find w and boxes where the server found them.
+    (tmp_path / "w").mkdir()
+    (tmp_path / "boxes").mkdir()
+    srv = start_server(workdir="w", sandbox_dir="boxes")
+    with open_session(srv) as s:
+        zygote = s.eval("import os; os.getppid()").result(timeout=10)
+    os.kill(zygote, signal.SIGKILL)
+    assert wait_for(lambda: "zygote died" in srv.log_text(), timeout=10), srv.log_text()
+
+    def opened():
+        try:
+            return open_session(srv)
+        except pyproxy.SessionRefused:
+            return None
+
+    sessions: list = []
+    assert wait_for(lambda: sessions.append(opened()) or sessions[-1] is not None, timeout=20), srv.log_text()
+    with sessions[-1] as s:
+        ppid, cwd = s.eval("import os; (os.getppid(), os.getcwd())").result(timeout=10)
+    assert ppid != zygote
+    assert Path(cwd).parent == (tmp_path / "boxes").resolve(), cwd
+    assert "fork zygote restarted" in srv.log_text()
+
+
 def test_a_zygote_environment_outside_a_server_is_refused(tmp_path):
     env = dict(os.environ, PYPROXY_ZYGOTE_FD="3", PYPROXY_HOME=str(tmp_path))
     r = subprocess.run(

@@ -22,11 +22,13 @@
 //! exits 0.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pyo3::ffi;
@@ -51,6 +53,7 @@ pub struct ZygoteProcess {
 /// Forks the zygote. Call before any thread exists (the first thing `main`
 /// does after reading the command line); the child never returns.
 pub fn fork_zygote(config: &ForkConfig) -> io::Result<ZygoteProcess> {
+    LAUNCH.get_or_init(Launch::now);
     let (server_end, zygote_end) = socketpair(libc::SOCK_SEQPACKET)?;
     // SAFETY: the caller guarantees this process has one thread.
     let server_pid = unsafe { libc::getpid() };
@@ -77,6 +80,26 @@ pub fn fork_zygote(config: &ForkConfig) -> io::Result<ZygoteProcess> {
 const EXEC_FD_ENV: &str = "PYPROXY_ZYGOTE_FD";
 const EXEC_PARENT_ENV: &str = "PYPROXY_ZYGOTE_PARENT";
 
+/// Where and with what environment the server started. A replacement zygote
+/// parses the server's command line again, so it must see the same relative
+/// paths resolve as they did then, although the engine has since moved into
+/// `--workdir` and atoms may have changed the directory and the environment.
+struct Launch {
+    dir: PathBuf,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Launch {
+    fn now() -> Launch {
+        Launch {
+            dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            env: std::env::vars_os().collect(),
+        }
+    }
+}
+
+static LAUNCH: OnceLock<Launch> = OnceLock::new();
+
 /// Starts a new zygote from the running server, to replace one that died.
 /// Forking a multi-threaded process is only safe if the child calls `exec` at
 /// once, so this runs this same binary again (`/proc/self/exe`, the file the
@@ -88,8 +111,12 @@ pub fn exec_zygote() -> io::Result<ZygoteProcess> {
     use std::os::unix::process::CommandExt;
     let (server_end, zygote_end) = socketpair(libc::SOCK_SEQPACKET)?;
     let fd = zygote_end.as_raw_fd();
+    let launch = LAUNCH.get_or_init(Launch::now);
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.args(std::env::args_os().skip(1))
+        .current_dir(&launch.dir)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .env(EXEC_FD_ENV, CTL_FD.to_string())
         .env(EXEC_PARENT_ENV, std::process::id().to_string())
         .stdin(std::process::Stdio::null())
