@@ -177,6 +177,31 @@ pub fn run_if_exec_zygote(config: &ForkConfig) {
     unsafe { libc::_exit(code) }
 }
 
+/// Closes every fd above `last`, so a worker holds none of the zygote's (its
+/// record socket, other workers' ends). `close_range` needs Linux 5.9 and may
+/// be refused by a container's seccomp profile; then each open fd listed in
+/// `/proc/self/fd` is closed. Runs in a freshly forked worker of the
+/// single-threaded zygote, so allocating is safe.
+fn close_fds_above(last: RawFd) -> io::Result<()> {
+    // SAFETY: closing fds this process owns and no Rust object refers to.
+    if unsafe { libc::close_range(last as u32 + 1, u32::MAX, 0) } == 0 {
+        return Ok(());
+    }
+    close_listed_fds_above(last)
+}
+
+fn close_listed_fds_above(last: RawFd) -> io::Result<()> {
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > last)
+        .collect();
+    for fd in open {
+        // SAFETY: as above; the directory's own fd, already closed, gives EBADF.
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
+}
+
 fn socketpair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut sv = [0 as RawFd; 2];
     // SAFETY: socketpair fills two fds on success; we own them.
@@ -551,7 +576,11 @@ impl Zygote<'_> {
             }
             // The control socket is not for the atom's child processes.
             libc::fcntl(CTL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-            libc::close_range(CTL_FD as u32 + 1, u32::MAX, 0);
+            if let Err(e) = close_fds_above(CTL_FD) {
+                let text = format!("pyproxy worker set-up failed: closing inherited fds: {e}\n");
+                libc::write(2, text.as_ptr().cast(), text.len());
+                return 126;
+            }
             if let Err(e) = self.limits_and_user() {
                 let text = format!("pyproxy worker set-up failed: {e}\n");
                 libc::write(2, text.as_ptr().cast(), text.len());
@@ -676,4 +705,37 @@ impl Zygote<'_> {
 pub(crate) fn c_path(path: &std::path::Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::other(format!("{} contains a NUL byte", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_closes_every_fd_above_the_last_kept() {
+        let (a, b) = socketpair(libc::SOCK_STREAM).unwrap();
+        let (lo, hi) = (
+            a.as_raw_fd().min(b.as_raw_fd()),
+            a.as_raw_fd().max(b.as_raw_fd()),
+        );
+        // In a child: closing fds in the test process would pull them from under other tests.
+        // SAFETY: the child only makes system calls and exits without unwinding.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let closed = close_listed_fds_above(lo).is_ok()
+                // SAFETY: probing fds without using them.
+                && unsafe { libc::fcntl(hi, libc::F_GETFD) } < 0
+                && unsafe { libc::fcntl(lo, libc::F_GETFD) } >= 0;
+            // SAFETY: leaving the forked child at once.
+            unsafe { libc::_exit(if closed { 0 } else { 1 }) }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status}"
+        );
+        drop((a, b));
+    }
 }
