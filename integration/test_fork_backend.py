@@ -195,10 +195,12 @@ def test_a_segfault_and_an_os_exit_leave_ten_other_sessions_intact(server):
 def test_a_memory_limit_hit_is_reported_clearly(start_server):
     srv = start_server(worker_memory="200M")
     with open_session(srv) as s:
-        with pytest.raises(Exception) as e:
+        # Still a MemoryError (so `except MemoryError` works), saying what limited it.
+        with pytest.raises(MemoryError) as e:
             s.eval("b = bytearray(1 << 30)").result(timeout=30)
-        text = str(e.value)
-        assert "MemoryError" in text and "--worker-memory" in text and "200 MiB" in text
+        assert "--worker-memory" in str(e.value) and "200 MiB" in str(e.value), e.value
+        with pytest.raises(MemoryError, match=r"^plain \(the worker's address space is limited"):
+            s.eval("raise MemoryError('plain')").result(timeout=30)
         assert s.eval("len(bytearray(1 << 20))").result(timeout=10) == 1 << 20
 
 

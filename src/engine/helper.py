@@ -611,6 +611,20 @@ def _run(kind, payload, gbytes, lbytes, take, count):
     raise ValueError(f"unknown atom kind {kind}")
 
 
+# Set by a fork worker whose address space is limited (--worker-memory): a
+# MemoryError there says so, and stays a MemoryError.
+_MEMORY_LIMIT_HINT = None
+
+
+def _names_memory_limit(e):
+    text = _safe_str(e)
+    message = f"{text} ({_MEMORY_LIMIT_HINT})" if text else _MEMORY_LIMIT_HINT
+    try:
+        e.args = (message,) + tuple(e.args[1:])
+    except Exception:
+        pass
+
+
 def _names_fork_backend(e):
     """If the import failed because the module refuses sub-interpreters, says so
     in the exception's message (the chain is searched: packages re-raise)."""
@@ -642,6 +656,8 @@ def _exception_result(e):
         pass
     if isinstance(e, ImportError):
         _names_fork_backend(e)
+    elif isinstance(e, MemoryError) and _MEMORY_LIMIT_HINT:
+        _names_memory_limit(e)
     try:
         text = "".join(_traceback.format_exception(type(e), e, tb))
     except BaseException:  # noqa: BLE001

@@ -539,43 +539,18 @@ impl Runner {
             (
                 WorkerOutcome::Raised {
                     type_name,
-                    mut message,
+                    message,
                     traceback,
                     pickled,
                 },
                 None,
-            ) => {
-                if type_name == "builtins.MemoryError" {
-                    if let Some(limit) = self.core.config.limits.memory {
-                        message = format!(
-                            "{message} (the worker's address space is limited to {} MiB by --worker-memory)",
-                            limit >> 20
-                        );
-                        // The pickled exception would carry the bare message.
-                        return self.end_atom(
-                            &r,
-                            AtomResult {
-                                duration_us,
-                                ends_output: false,
-                                outcome: Outcome::Exception(RemoteException {
-                                    origin: FailureOrigin::Raised,
-                                    type_name,
-                                    message,
-                                    traceback,
-                                    pickled: None,
-                                }),
-                            },
-                        );
-                    }
-                }
-                Outcome::Exception(RemoteException {
-                    origin: FailureOrigin::Raised,
-                    type_name,
-                    message,
-                    traceback,
-                    pickled,
-                })
-            }
+            ) => Outcome::Exception(RemoteException {
+                origin: FailureOrigin::Raised,
+                type_name,
+                message,
+                traceback,
+                pickled,
+            }),
         };
         self.end_atom(
             &r,

@@ -15,6 +15,7 @@ kill the loop between atoms.
 """
 
 import os as _os
+import resource as _resource  # here, in the zygote: a worker under --user may not read the stdlib
 import signal as _signal
 import socket as _socket
 import struct as _struct
@@ -179,12 +180,28 @@ def _init(cwd):
     return b""
 
 
+def _ignore_sigint():
+    # signal.signal() first runs the handlers of signals already caught: a SIGINT
+    # that lands just after the atom returned raises here, and must not end the worker.
+    while True:
+        try:
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            pass
+
+
 def serve(fd, env=None):
     """Runs atoms from the control socket until the server closes it. `env`:
     entries to set first (the --user's HOME, USER, LOGNAME)."""
     if env:
         _os.environ.update(env)
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    limit = _resource.getrlimit(_resource.RLIMIT_AS)[0]
+    if limit != _resource.RLIM_INFINITY:
+        _helper._MEMORY_LIMIT_HINT = (
+            f"the worker's address space is limited to {limit >> 20} MiB (RLIMIT_AS, --worker-memory)"
+        )
     _warm_up()
     while True:
         msg = _recv(fd)
@@ -208,7 +225,7 @@ def serve(fd, env=None):
                 # The interrupt landed outside run's own handlers.
                 r = (1, "builtins.KeyboardInterrupt", "", "", None)
             finally:
-                _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+                _ignore_sigint()
             _flush_c()
             _send(fd, _RESULT, _encode_result(r), r[2] if r[0] == 0 else ())
             del r, buffers
