@@ -1,6 +1,7 @@
 """The real `pyproxy-server` at the wire level: handshake, attach, limits and
-refusals, driven over raw sockets with integration/wire.py. Every refusal is
-checked to leave an existing, well-behaved session undisturbed."""
+refusals, driven over raw sockets with integration/wire.py (and, for what a
+refusal at the door becomes, the real client). Every refusal is checked to
+leave an existing, well-behaved session undisturbed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 
 import pytest
 
+import pyproxy
 import wire
+from pyproxy import PyProxySession
 
 
 @pytest.fixture(autouse=True)
@@ -535,6 +538,55 @@ def test_connections_per_peer_are_limited(start_server):
     s = wire.open_session(server.host, server.port, server.token)
     assert_healthy(s, 1)
     s.close()
+
+
+def connects_within(server, seconds: float) -> bool:
+    """A client session opens before `seconds` pass (slots freed by closes come back)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with PyProxySession(server.address, token=server.token) as s:
+                return s.eval("6 * 7").result(timeout=10) == 42
+        except pyproxy.SessionRefused:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def test_client_refused_at_the_per_peer_limit_gets_the_servers_reason(start_server):
+    # The server answers a connection over --max-conns-per-peer with ERROR in
+    # place of CHALLENGE; the client says so, with the server's own words.
+    server = start_server(max_conns_per_peer=3)
+    with PyProxySession(server.address, token=server.token) as held:  # two connections
+        third = wire.Conn(server.host, server.port)
+        third.read_kind(wire.CHALLENGE)  # the server took it: the limit is reached
+        with pytest.raises(pyproxy.SessionRefused, match="max-conns-per-peer") as e:
+            PyProxySession(server.address, token=server.token).connect()
+        assert str(e.value) == (
+            f"the server at {server.address} refused the connection (LIMIT_EXCEEDED): "
+            f"too many connections from your address (--max-conns-per-peer)"
+        )
+        assert held.eval("6 * 7").result(timeout=10) == 42, "the held session is undisturbed"
+        third.close()
+    assert connects_within(server, 10), "the refused client left no slot taken"
+
+
+def test_client_whose_output_stream_is_over_the_per_peer_limit_is_refused(start_server):
+    # Two slots held: main-stream takes the third and completes its handshake,
+    # output-stream (connected right after it) is the fourth and is refused.
+    server = start_server(max_conns_per_peer=3)
+    held = [wire.Conn(server.host, server.port) for _ in range(2)]
+    for c in held:
+        c.read_kind(wire.CHALLENGE)
+    with pytest.raises(pyproxy.SessionRefused, match="max-conns-per-peer") as e:
+        PyProxySession(server.address, token=server.token).connect()
+    assert str(e.value) == (
+        f"the server at {server.address} refused the output-stream connection "
+        f"(LIMIT_EXCEEDED): too many connections from your address (--max-conns-per-peer)"
+    )
+    for c in held:
+        c.close()
+    assert connects_within(server, 10), "the refused client left no slot taken"
 
 
 def test_many_idle_connections_do_not_stop_a_good_client(start_server):

@@ -20,8 +20,16 @@ pub enum ClientError {
     VersionMismatch(String),
     /// The server sent something this protocol version does not allow.
     Protocol(String),
-    /// The server refused the session for a reason other than auth or version.
-    Refused { code: ErrorCode, message: String },
+    /// The server refused the session, or one of its connections before the
+    /// handshake, for a reason other than auth or version. `what` names what
+    /// was refused ("the session", "the connection", ...); `message` is the
+    /// server's own text.
+    Refused {
+        address: String,
+        what: &'static str,
+        code: ErrorCode,
+        message: String,
+    },
     /// The session is gone; `cause` says why (never retried).
     SessionClosed { cause: String },
     /// The server answered one request with `ERROR` instead of a `RESULT`.
@@ -76,9 +84,14 @@ impl fmt::Display for ClientError {
             ClientError::Auth(m) | ClientError::VersionMismatch(m) | ClientError::Protocol(m) => {
                 f.write_str(m)
             }
-            ClientError::Refused { code, message } => write!(
+            ClientError::Refused {
+                address,
+                what,
+                code,
+                message,
+            } => write!(
                 f,
-                "the server refused the session ({}): {message}",
+                "the server at {address} refused {what} ({}): {message}",
                 code_name(*code)
             ),
             ClientError::SessionClosed { cause } => f.write_str(cause),

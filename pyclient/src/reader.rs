@@ -741,6 +741,22 @@ pub(crate) mod tests {
         client_token: Option<&str>,
         attach_answer: Message,
     ) -> (Result<Session, ClientError>, Option<Peer>) {
+        let challenge = Message::Challenge(Challenge {
+            protocol_version: 1,
+            auth_required: true,
+            server_nonce: [8; 32],
+        });
+        session_opening_output_with(server_token, client_token, challenge, attach_answer)
+    }
+
+    /// As `session_answering_attach`, the fake server opening output-stream
+    /// with `out_opening` (anything but CHALLENGE ends the exchange there).
+    fn session_opening_output_with(
+        server_token: &str,
+        client_token: Option<&str>,
+        out_opening: Message,
+        attach_answer: Message,
+    ) -> (Result<Session, ClientError>, Option<Peer>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server_token = server_token.to_string();
@@ -816,14 +832,11 @@ pub(crate) mod tests {
                 return None;
             }
             let (out, _) = listener.accept().unwrap();
-            peer_write(
-                &out,
-                Message::Challenge(Challenge {
-                    protocol_version: 1,
-                    auth_required: true,
-                    server_nonce: [8; 32],
-                }),
-            );
+            let challenged = matches!(out_opening, Message::Challenge(_));
+            peer_write(&out, out_opening);
+            if !challenged {
+                return None;
+            }
             let f = FrameReader::new(&out, DEFAULT_MAX_FRAME)
                 .read_frame()
                 .unwrap();
@@ -1283,6 +1296,83 @@ pub(crate) mod tests {
             Err(ClientError::Auth(m)) => assert!(m.contains("could not prove"), "{m}"),
             other => panic!("{:?}", other.map(|_| ())),
         }
+    }
+
+    /// Connects to a fake server that answers each connection with `ERROR`
+    /// in place of `CHALLENGE`.
+    fn refused_at_once(code: ErrorCode, message: &str) -> (String, ClientError) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let error = Message::Error(ErrorMsg {
+            code,
+            message: message.into(),
+        });
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (s, _) = listener.accept().unwrap();
+                // The client may be gone from output-stream already.
+                let _ = FrameWriter::new(&s).write_frame(&error.to_frame(0));
+            }
+        });
+        let err = Session::connect(&options(port, Some(TOKEN))).err().unwrap();
+        server.join().unwrap();
+        (format!("localhost:{port}"), err)
+    }
+
+    #[test]
+    fn an_error_in_place_of_challenge_refuses_with_the_servers_words() {
+        let why = "too many connections from your address (--max-conns-per-peer)";
+        let (address, err) = refused_at_once(ErrorCode::LimitExceeded, why);
+        match &err {
+            ClientError::Refused { code, message, .. } => {
+                assert_eq!((*code, message.as_str()), (ErrorCode::LimitExceeded, why))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(err.python_class(), "SessionRefused");
+        assert_eq!(
+            err.to_string(),
+            format!("the server at {address} refused the connection (LIMIT_EXCEEDED): {why}")
+        );
+        // Other codes map to the classes they map to in answer to HELLO.
+        match refused_at_once(ErrorCode::AuthFailed, "not from here") {
+            (_, ClientError::Auth(m)) => {
+                assert!(
+                    m.ends_with("refused the connection (AUTH_FAILED): not from here"),
+                    "{m}"
+                )
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+        match refused_at_once(ErrorCode::VersionMismatch, "too old") {
+            (_, ClientError::VersionMismatch(m)) => {
+                assert!(
+                    m.contains("refused the connection (VERSION_MISMATCH): too old"),
+                    "{m}"
+                )
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_error_in_place_of_the_output_streams_challenge_refuses_the_session() {
+        let why = "too many connections from your address (--max-conns-per-peer)";
+        let error = Message::Error(ErrorMsg {
+            code: ErrorCode::LimitExceeded,
+            message: why.into(),
+        });
+        let (s, _) = session_opening_output_with(TOKEN, Some(TOKEN), error, Message::EndOfOutput);
+        let err = s.err().unwrap();
+        assert_eq!(err.python_class(), "SessionRefused");
+        let m = err.to_string();
+        assert!(
+            m.starts_with("the server at localhost:")
+                && m.ends_with(&format!(
+                    " refused the output-stream connection (LIMIT_EXCEEDED): {why}"
+                )),
+            "{m}"
+        );
     }
 
     #[test]

@@ -423,19 +423,65 @@ fn connect_tcp(opts: &ConnectOptions, deadline: Instant, address: &str) -> Resul
     })
 }
 
-fn refused(code: ErrorCode, message: String, opts: &ConnectOptions, address: &str) -> ClientError {
+/// What an `ERROR` in the handshake was sent in place of, and so what it refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// main-stream's `CHALLENGE`: the server refused the connection at once
+    /// (e.g. `--max-conns-per-peer`).
+    MainStream,
+    /// output-stream's `CHALLENGE`, likewise.
+    OutputStream,
+    /// `WELCOME`: the server refused the session `HELLO` asked for.
+    Hello,
+}
+
+impl Refusal {
+    fn what(self) -> &'static str {
+        match self {
+            Refusal::MainStream => "the connection",
+            Refusal::OutputStream => "the output-stream connection",
+            Refusal::Hello => "the session",
+        }
+    }
+}
+
+/// The error for an `ERROR` the server sent during the handshake: the one
+/// place its code picks the exception class, wherever in the handshake it came.
+fn refused(
+    code: ErrorCode,
+    message: String,
+    refusal: Refusal,
+    opts: &ConnectOptions,
+    address: &str,
+) -> ClientError {
+    let what = refusal.what();
     match code {
-        ErrorCode::AuthFailed => ClientError::Auth(format!(
+        ErrorCode::AuthFailed if refusal == Refusal::Hello => ClientError::Auth(format!(
             "the server at {address} refused the token from {} ({message}); use the token \
              the server wrote to its token file (see docs/operations.md), via token= or \
              PYPROXY_TOKEN",
             opts.token_source
         )),
+        // Before HELLO no token has been sent: no advice about it.
+        ErrorCode::AuthFailed => ClientError::Auth(format!(
+            "the server at {address} refused {what} (AUTH_FAILED): {message}"
+        )),
+        ErrorCode::VersionMismatch if refusal == Refusal::Hello => {
+            ClientError::VersionMismatch(format!(
+                "the server at {address} refused this client's version ({message}); install \
+                 matching pyproxy client and server versions"
+            ))
+        }
         ErrorCode::VersionMismatch => ClientError::VersionMismatch(format!(
-            "the server at {address} refused this client's version ({message}); install \
+            "the server at {address} refused {what} (VERSION_MISMATCH): {message}; install \
              matching pyproxy client and server versions"
         )),
-        code => ClientError::Refused { code, message },
+        code => ClientError::Refused {
+            address: address.to_string(),
+            what,
+            code,
+            message,
+        },
     }
 }
 
@@ -481,6 +527,16 @@ impl Session {
             "main-stream",
         )? {
             Message::Challenge(c) => c,
+            // Refused before the handshake (e.g. --max-conns-per-peer).
+            Message::Error(e) => {
+                return Err(refused(
+                    e.code,
+                    e.message,
+                    Refusal::MainStream,
+                    opts,
+                    &address,
+                ))
+            }
             other => {
                 return Err(ClientError::Protocol(format!(
                     "the server at {address} opened with {} instead of CHALLENGE; is it a \
@@ -531,7 +587,9 @@ impl Session {
             "main-stream",
         )? {
             Message::Welcome(w) => w,
-            Message::Error(e) => return Err(refused(e.code, e.message, opts, &address)),
+            Message::Error(e) => {
+                return Err(refused(e.code, e.message, Refusal::Hello, opts, &address))
+            }
             other => {
                 return Err(ClientError::Protocol(format!(
                     "the server at {address} answered HELLO with {} instead of WELCOME",
@@ -564,6 +622,17 @@ impl Session {
             "output-stream",
         )? {
             Message::Challenge(_) => {}
+            // main-stream was let in, output-stream was not (e.g. it is the
+            // connection over --max-conns-per-peer).
+            Message::Error(e) => {
+                return Err(refused(
+                    e.code,
+                    e.message,
+                    Refusal::OutputStream,
+                    opts,
+                    &address,
+                ))
+            }
             other => {
                 return Err(ClientError::Protocol(format!(
                     "the server at {address} opened output-stream with {} instead of CHALLENGE",

@@ -53,7 +53,9 @@ class ProtocolError(PyProxyError):
 
 
 class SessionRefused(PyProxyError):
-    """The server refused the session (unknown backend, too many sessions, ...)."""
+    """The server refused the session or one of its connections (unknown backend,
+    too many sessions, too many connections from this address, ...); the message
+    carries the server's reason and error code."""
 
 
 class SessionClosed(PyProxyError, ConnectionError):

@@ -213,9 +213,12 @@ class PyProxySession:
     def connect(self) -> PyProxySession:
         """Opens both streams and completes the handshake (GIL released); returns self.
 
-        Raises :class:`ConnectFailed`, :class:`AuthError`, :class:`VersionMismatch`
-        or :class:`SessionRefused`. A session that was ever connected cannot
-        connect again: this raises :class:`PyProxyError`.
+        Raises :class:`ConnectFailed`, :class:`AuthError`, :class:`VersionMismatch`,
+        :class:`ProtocolError` (not a PyProxy server) or :class:`SessionRefused`
+        (the server refused the session or one of its two connections, e.g. an
+        unknown backend, ``--max-sessions`` or ``--max-conns-per-peer``; the
+        message carries the server's reason). A session that was ever connected
+        cannot connect again: this raises :class:`PyProxyError`.
         """
         with self._lock:
             if self._conn is not None:
