@@ -204,6 +204,15 @@ def test_a_memory_limit_hit_is_reported_clearly(start_server):
         assert s.eval("len(bytearray(1 << 20))").result(timeout=10) == 1 << 20
 
 
+def test_worker_cpu_ends_a_spinning_worker_with_sigxcpu_naming_the_limit(start_server):
+    srv = start_server(worker_cpu=1)
+    with open_session(srv) as s:
+        with pytest.raises(WorkerDied, match=r"SIGXCPU.*1 s of CPU time --worker-cpu allows"):
+            s.eval("while True:\n    pass").result(timeout=30)
+        # The next atom gets a fresh worker, with its own second.
+        assert s.eval("6 * 7").result(timeout=10) == 42
+
+
 def test_numpy_works_on_fork_and_names_fork_on_subinterp(server):
     # numpy is in integration/requirements.txt, so the server's venv has it.
     with open_session(server) as s:

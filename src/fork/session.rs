@@ -635,7 +635,17 @@ impl Runner {
     /// "worker pid 1234 was killed by signal 9 (SIGKILL)" and the like.
     fn how_it_ended(&self, w: Wid) -> String {
         match self.core.wait_exit(w, Duration::from_secs(2)) {
-            Some(status) => describe_status(w.pid, status, "worker"),
+            Some(status) => {
+                let how = describe_status(w.pid, status, "worker");
+                match self.core.config.limits.cpu_seconds {
+                    Some(cpu)
+                        if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGXCPU =>
+                    {
+                        format!("{how}: it used the {cpu} s of CPU time --worker-cpu allows")
+                    }
+                    _ => how,
+                }
+            }
             None if self.core.lost_with_zygote(w) => format!(
                 "worker pid {} ended with the fork backend's zygote, which died (see the server log)",
                 w.pid

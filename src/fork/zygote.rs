@@ -611,9 +611,16 @@ impl Zygote<'_> {
             (libc::RLIMIT_NOFILE, limits.files),
         ] {
             if let Some(v) = value {
+                // For CPU time a hard limit above the soft one makes the kernel send
+                // SIGXCPU (which names the cause) a second before its SIGKILL.
+                let hard = if resource == libc::RLIMIT_CPU {
+                    v.saturating_add(1)
+                } else {
+                    v
+                };
                 let lim = libc::rlimit {
                     rlim_cur: v,
-                    rlim_max: v,
+                    rlim_max: hard,
                 };
                 // SAFETY: setrlimit with a valid struct.
                 if unsafe { libc::setrlimit(resource, &lim) } != 0 {

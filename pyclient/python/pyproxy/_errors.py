@@ -138,7 +138,8 @@ def exception_from_outcome(outcome: Outcome, atom: int, timeout: float | None) -
     elif origin == WORKER_DIED:
         exc = WorkerDied(
             f"the process running atom {atom} died: {outcome.message}. Check the server "
-            f"log and memory limits; the session itself is still usable"
+            f"log and the workers' limits (--worker-memory, --worker-cpu); the session "
+            f"itself is still usable"
         )
     elif origin == SHUTDOWN:
         exc = SessionClosed(
