@@ -348,6 +348,7 @@ def test_a_worker_that_cannot_start_fails_the_first_atom_saying_why(start_server
         with pytest.raises(pyproxy.RemoteError, match="the worker did not start") as e:
             s.eval("1 + 1").result(timeout=30)
         assert "Permission denied" in str(e.value) or "PermissionError" in str(e.value), e.value
+        assert str(e.value).startswith("the server could not run atom 1: ") and str(e.value).count("could not run") == 1, e.value
         # The session stays usable: each atom tries again, and says so again.
         with pytest.raises(pyproxy.RemoteError, match="the worker did not start"):
             s.eval("2 + 2").result(timeout=30)

@@ -613,7 +613,7 @@ fn outcome(atom: u64, raw: RawOutcome, reason: Option<Interruption>) -> Outcome 
         (RawOutcome::Internal(message), _) => Outcome::Exception(RemoteException {
             origin: FailureOrigin::ServerError,
             type_name: "builtins.RuntimeError".into(),
-            message: format!("the server could not run atom {atom}: {message}"),
+            message,
             traceback: String::new(),
             pickled: None,
         }),

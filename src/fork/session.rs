@@ -365,12 +365,7 @@ impl Runner {
                     warn!(self.log, "no worker for the atom"; "atom" => atom.id, "error" => &e);
                     self.sink.finish(
                         atom.id,
-                        failure(
-                            FailureOrigin::ServerError,
-                            "builtins.RuntimeError",
-                            format!("the server could not run atom {}: {e}", atom.id),
-                            0,
-                        ),
+                        failure(FailureOrigin::ServerError, "builtins.RuntimeError", e, 0),
                     );
                     return None;
                 }
