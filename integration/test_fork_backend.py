@@ -213,6 +213,28 @@ def test_worker_cpu_ends_a_spinning_worker_with_sigxcpu_naming_the_limit(start_s
         assert s.eval("6 * 7").result(timeout=10) == 42
 
 
+def test_a_worker_that_dies_takes_what_its_atoms_started_with_it(server):
+    # A child of the worker (os.fork) inherits its control socket and pipes. When
+    # the worker dies, the atom must still fail at once, and the child must end.
+    with open_session(server) as s:
+        child = s.eval(
+            "import os, time\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    time.sleep(600)\n"
+            "    os._exit(0)\n"
+            "pid"
+        ).result(timeout=10)
+        assert Path(f"/proc/{child}").exists()
+        with pytest.raises(WorkerDied, match="SIGKILL"):
+            s.eval("import os, signal; os.kill(os.getpid(), signal.SIGKILL)").result(timeout=20)
+        assert wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=10), child
+        # A process started with subprocess ends when the session closes.
+        sleeper = s.eval("import subprocess; subprocess.Popen(['sleep', '600']).pid").result(timeout=10)
+        assert Path(f"/proc/{sleeper}").exists()
+    assert wait_for(lambda: not Path(f"/proc/{sleeper}").exists(), timeout=10), sleeper
+
+
 def test_numpy_works_on_fork_and_names_fork_on_subinterp(server):
     # numpy is in integration/requirements.txt, so the server's venv has it.
     with open_session(server) as s:

@@ -439,8 +439,7 @@ impl Zygote<'_> {
                 .map(|(p, _)| *p)
                 .collect();
             for pid in due {
-                // SAFETY: a live, unreaped child of ours.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                kill_worker(pid, libc::SIGKILL);
                 self.live.insert(pid, None);
             }
             let due_warm = self.warm_due.len();
@@ -480,6 +479,7 @@ impl Zygote<'_> {
                 return true;
             }
             self.live.remove(&pid);
+            end_leftovers(pid);
             if wire::send_record(self.sock.as_raw_fd(), &Record::Exited { pid, status }, &[])
                 .is_err()
             {
@@ -497,15 +497,19 @@ impl Zygote<'_> {
             Record::Spawn { token } => self.spawn_for(token),
             Record::Signal { pid, signal } => {
                 if self.live.contains_key(&pid) {
-                    // SAFETY: a live, unreaped child of ours.
-                    unsafe { libc::kill(pid, signal) };
+                    if signal == libc::SIGKILL {
+                        kill_worker(pid, signal);
+                    } else {
+                        // SIGINT interrupts the atom's Python, not what it started.
+                        // SAFETY: a live, unreaped child of ours.
+                        unsafe { libc::kill(pid, signal) };
+                    }
                 }
                 true
             }
             Record::Terminate { pid, grace_ms } => {
                 if self.live.contains_key(&pid) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                    kill_worker(pid, libc::SIGTERM);
                     self.live
                         .insert(pid, Some(Instant::now() + Duration::from_millis(grace_ms)));
                 }
@@ -549,6 +553,11 @@ impl Zygote<'_> {
                 libc::_exit(code);
             }
             ffi::PyOS_AfterFork_Parent();
+            if pid > 0 {
+                // Also in the child: whichever runs first, the group exists before
+                // either signals it.
+                libc::setpgid(pid, pid);
+            }
             pid
         };
         if pid < 0 {
@@ -562,6 +571,9 @@ impl Zygote<'_> {
     unsafe fn worker(&self, ctl: &OwnedFd, out: &OwnedFd, err: &OwnedFd) -> i32 {
         // SAFETY: single-threaded child; plain syscalls.
         unsafe {
+            // A group of its own: what the atom starts (os.fork, multiprocessing,
+            // subprocess) ends with the worker, see `kill_worker`.
+            libc::setpgid(0, 0);
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = libc::SIG_DFL;
             libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
@@ -672,8 +684,7 @@ impl Zygote<'_> {
     /// The server is gone or shutting down: end every worker, reap, return.
     fn finish(&mut self, code: i32) -> i32 {
         for pid in self.live.keys() {
-            // SAFETY: live children of ours.
-            unsafe { libc::kill(*pid, libc::SIGTERM) };
+            kill_worker(*pid, libc::SIGTERM);
         }
         let deadline = Instant::now() + self.config.kill_grace;
         while !self.live.is_empty() {
@@ -682,6 +693,7 @@ impl Zygote<'_> {
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid > 0 {
                 self.live.remove(&pid);
+                end_leftovers(pid);
                 continue;
             }
             if pid < 0 {
@@ -689,8 +701,7 @@ impl Zygote<'_> {
             }
             if Instant::now() >= deadline {
                 for pid in self.live.keys() {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                    kill_worker(*pid, libc::SIGKILL);
                 }
                 while !self.live.is_empty() {
                     // SAFETY: as above; blocking until each is gone.
@@ -699,6 +710,7 @@ impl Zygote<'_> {
                         break;
                     }
                     self.live.remove(&pid);
+                    end_leftovers(pid);
                 }
                 break;
             }
@@ -706,6 +718,26 @@ impl Zygote<'_> {
         }
         code
     }
+}
+
+/// Sends `signal` to worker `pid` (a live child of the zygote) and to its
+/// process group: the processes its atoms started, which may hold its control
+/// socket and pipes open and would otherwise outlive it.
+fn kill_worker(pid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: the group a live child of ours leads (it is unreaped, so the id is
+    // not reused); if it is not a group (setpgid failed), the child alone.
+    unsafe {
+        if libc::kill(-pid, signal) != 0 {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// After worker `pid` is reaped: kills what is left of its process group (a
+/// group outlives its leader, and its id is not reused while it has members).
+fn end_leftovers(pid: libc::pid_t) {
+    // SAFETY: signalling a process group; ESRCH when none is left.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
 }
 
 /// Keeps `OsStr` paths usable where C strings are needed.
