@@ -149,7 +149,8 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub worker_memory: Option<u64>,
 
-    /// Fork backend: CPU seconds each worker process may use (RLIMIT_CPU; then SIGXCPU).
+    /// Fork backend: CPU seconds each worker process may use (RLIMIT_CPU; then SIGXCPU,
+    /// and SIGKILL a second later).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub worker_cpu: Option<u64>,
 
