@@ -356,7 +356,7 @@ fn cancel_interrupts_a_running_atom() {
         "import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.01)",
     ));
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(200));
+    s.sink.wait_output(1, WAIT);
     assert!(s.session.cancel(1));
     let rec = s.sink.wait(1, WAIT);
     assert!(t0.elapsed() < Duration::from_secs(5));
@@ -447,7 +447,7 @@ fn closing_mid_atom_frees_the_interpreter_for_others() {
     let mut s = session();
     s.submit(source(1, "print('running', flush=True)\nwhile True: pass"));
     s.submit(source(2, "2"));
-    std::thread::sleep(Duration::from_millis(150));
+    s.sink.wait_output(1, WAIT);
     s.session.close();
     let rec = s.sink.wait(1, WAIT);
     assert!(rec.exception().message.contains("closed"));

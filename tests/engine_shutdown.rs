@@ -26,10 +26,15 @@ fn shutdown_interrupts_running_atoms_and_finalises() {
     let mut quick = TestSession::open(&engine, 1);
     let mut stuck = TestSession::open(&engine, 2);
     let idle = TestSession::open(&engine, 3);
-    quick.submit(source(1, "import time\ntime.sleep(0.3)\n'quick done'"));
+    quick.submit(source(
+        1,
+        "import time\nprint('sleeping', flush=True)\ntime.sleep(0.3)\n'quick done'",
+    ));
     stuck.submit(source(1, "print('spinning', flush=True)\nwhile True: pass"));
     stuck.submit(source(2, "'never runs'"));
-    std::thread::sleep(Duration::from_millis(100));
+    // Both running (on a loaded machine 100 ms of sleep was not always enough).
+    quick.sink.wait_output(1, WAIT);
+    stuck.sink.wait_output(1, WAIT);
 
     let t0 = Instant::now();
     engine.shutdown(Duration::from_millis(600));

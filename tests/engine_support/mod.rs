@@ -67,6 +67,7 @@ impl SessionSink for Collect {
             r.violations.push("empty output call".into());
         }
         r.out.push((fd, lines));
+        self.cv.notify_all();
     }
 
     fn finish(&self, atom: u64, result: AtomResult) {
@@ -99,6 +100,18 @@ impl Collect {
             }
             let now = Instant::now();
             assert!(now < deadline, "atom {atom}: no result within {timeout:?}");
+            g = self.cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until `atom` has written some output (panics after `timeout`):
+    /// proof that it is running, where a sleep would only guess.
+    pub fn wait_output(&self, atom: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.atoms.lock().unwrap();
+        while g.0.get(&atom).is_none_or(|r| r.out.is_empty()) {
+            let now = Instant::now();
+            assert!(now < deadline, "atom {atom}: no output within {timeout:?}");
             g = self.cv.wait_timeout(g, deadline - now).unwrap().0;
         }
     }
