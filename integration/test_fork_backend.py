@@ -455,6 +455,11 @@ def test_a_replacement_zygote_resolves_relative_paths_as_the_server_did(start_se
     srv = start_server(workdir="w", sandbox_dir="boxes")
     with open_session(srv) as s:
         zygote = s.eval("import os; os.getppid()").result(timeout=10)
+    # An fd a sub-interpreter atom left inheritable in the server is not the new zygote's.
+    marker = tmp_path / "marker"
+    marker.write_text("x")
+    with open_session(srv, backend="subinterp") as s:
+        s.eval(f"import os; fd = os.open({str(marker)!r}, os.O_RDONLY); os.set_inheritable(fd, True); fd").result(timeout=10)
     os.kill(zygote, signal.SIGKILL)
     assert wait_for(lambda: "zygote died" in srv.log_text(), timeout=10), srv.log_text()
 
@@ -470,6 +475,9 @@ def test_a_replacement_zygote_resolves_relative_paths_as_the_server_did(start_se
         ppid, cwd = s.eval("import os; (os.getppid(), os.getcwd())").result(timeout=10)
     assert ppid != zygote
     assert Path(cwd).parent == (tmp_path / "boxes").resolve(), cwd
+    held = [os.readlink(f) for f in Path(f"/proc/{ppid}/fd").iterdir()]
+    assert str(marker) not in held, held
+    assert Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")[0] == str(SERVER_BIN).encode()
     assert "fork zygote restarted" in srv.log_text()
 
 

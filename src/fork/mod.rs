@@ -347,9 +347,10 @@ impl Core {
             self.alive.store(false, Ordering::SeqCst);
             lock(&self.pending).clear();
             *lock(&self.warm) = Warm::default();
-            // No exit of this generation will come or be asked for any more.
+            // No exit of this generation will come any more. Those already here
+            // stay for their sessions to claim: a worker the OOM killer ended
+            // just before the zygote was killed by signal 9, not "with the zygote".
             lock(&self.abandoned).retain(|w| w.gen != gen);
-            lock(&self.exits).retain(|w, _| w.gen != gen);
             self.exit_cv.notify_all();
             if self.closing.load(Ordering::SeqCst) {
                 self.reap_at_shutdown(pid);

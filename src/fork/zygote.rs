@@ -112,8 +112,13 @@ pub fn exec_zygote() -> io::Result<ZygoteProcess> {
     let (server_end, zygote_end) = socketpair(libc::SOCK_SEQPACKET)?;
     let fd = zygote_end.as_raw_fd();
     let launch = LAUNCH.get_or_init(Launch::now);
+    let mut args = std::env::args_os();
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.args(std::env::args_os().skip(1))
+    // Named as the server was (ps, and clap's messages), not /proc/self/exe.
+    if let Some(name) = args.next() {
+        cmd.arg0(name);
+    }
+    cmd.args(args)
         .current_dir(&launch.dir)
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
@@ -172,6 +177,12 @@ pub fn run_if_exec_zygote(config: &ForkConfig) {
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: setting close-on-exec on our own fd.
     unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // What the server held without close-on-exec (an atom's os.dup2, a C
+    // extension's open) is not the zygote's, and would live as long as it.
+    if let Err(e) = close_fds_above(CTL_FD) {
+        say(&format!("closing the fds inherited from the server: {e}"));
+        std::process::exit(1);
+    }
     let code = zygote_main(sock, config, parent);
     // SAFETY: leave at once, as the forked zygote does.
     unsafe { libc::_exit(code) }
