@@ -191,8 +191,8 @@ pub fn run_if_exec_zygote(config: &ForkConfig) {
 /// Closes every fd above `last`, so a worker holds none of the zygote's (its
 /// record socket, other workers' ends). `close_range` needs Linux 5.9 and may
 /// be refused by a container's seccomp profile; then each open fd listed in
-/// `/proc/self/fd` is closed. Runs in a freshly forked worker of the
-/// single-threaded zygote, so allocating is safe.
+/// `/proc/self/fd` is closed. Runs where the process has one thread (a worker
+/// just forked from the zygote, a re-run zygote at start), so allocating is safe.
 fn close_fds_above(last: RawFd) -> io::Result<()> {
     // SAFETY: closing fds this process owns and no Rust object refers to.
     if unsafe { libc::close_range(last as u32 + 1, u32::MAX, 0) } == 0 {
