@@ -343,7 +343,7 @@ impl Core {
                 let link = lock(&self.link);
                 (link.gen, Arc::clone(&link.sock), link.pid, link.born)
             };
-            self.route(gen, &sock);
+            let unreadable = self.route(gen, &sock);
             self.alive.store(false, Ordering::SeqCst);
             lock(&self.pending).clear();
             *lock(&self.warm) = Warm::default();
@@ -357,7 +357,13 @@ impl Core {
                 return;
             }
             // Its socket ended or failed, so it is dead or of no use.
-            let how = kill_and_reap(pid);
+            let how = match unreadable {
+                None => kill_and_reap(pid),
+                Some(why) => format!(
+                    "its record socket failed ({why}), so the server killed it: {}",
+                    kill_and_reap(pid)
+                ),
+            };
             let mut wait = restart_delay(delay, born.elapsed());
             error!(self.log, "the fork backend's zygote died, and its workers with it; starting a new one";
                 "zygote" => pid, "how" => how, "restart_in_ms" => wait.as_millis() as u64);
@@ -420,7 +426,9 @@ impl Core {
     }
 
     /// Routes zygote generation `gen`'s records until it hangs up.
-    fn route(&self, gen: u64, sock: &OwnedFd) {
+    /// Returns at EOF (None) or when the socket fails or carries a malformed
+    /// record (why).
+    fn route(&self, gen: u64, sock: &OwnedFd) -> Option<String> {
         loop {
             match wire::recv_record(sock.as_raw_fd(), false) {
                 Ok(Some((Record::Spawned { token, pid }, fds))) => {
@@ -464,7 +472,8 @@ impl Core {
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return,
+                Ok(None) => return None,
+                Err(e) => return Some(e.to_string()),
             }
         }
     }
