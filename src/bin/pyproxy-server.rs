@@ -35,11 +35,12 @@ fn run(cli: Cli) -> Result<(), ServerError> {
     // A replacement zygote is this binary run again by the server (see `exec_zygote`).
     fork::zygote::run_if_exec_zygote(&config.fork);
     // Forked first, while this process has one thread.
-    let zygote = match config.runs(BackendKind::Fork) {
-        true => Some(fork::fork_zygote(&config.fork).map_err(|e| {
+    let zygote = if config.runs(BackendKind::Fork) {
+        Some(fork::fork_zygote(&config.fork).map_err(|e| {
             ServerError::Engine(format!("cannot fork the fork backend's zygote: {e}"))
-        })?),
-        false => None,
+        })?)
+    } else {
+        None
     };
     let routes = LogRoutes::new();
     let log = build_logger(config.log_format, config.log_level, Arc::clone(&routes));
@@ -54,12 +55,13 @@ fn run(cli: Cli) -> Result<(), ServerError> {
     }
 
     // The engine first: it initialises CPython on this thread, before any other exists.
-    let engine: Option<Arc<dyn Backend>> = match config.runs(BackendKind::Subinterp) {
-        true => Some(Arc::new(
+    let engine: Option<Arc<dyn Backend>> = if config.runs(BackendKind::Subinterp) {
+        Some(Arc::new(
             Engine::start(config.engine.clone(), log.new(o!("component" => "engine")))
                 .map_err(|e| ServerError::Engine(e.to_string()))?,
-        )),
-        false => None,
+        ))
+    } else {
+        None
     };
     let forker: Option<Arc<dyn Backend>> = match zygote {
         Some(z) => {

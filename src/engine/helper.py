@@ -618,8 +618,14 @@ _MEMORY_LIMIT_HINT = None
 
 def _names_memory_limit(e):
     text = _safe_str(e)
-    message = f"{text} ({_MEMORY_LIMIT_HINT})" if text else _MEMORY_LIMIT_HINT
+    _set_message(e, f"{text} ({_MEMORY_LIMIT_HINT})" if text else _MEMORY_LIMIT_HINT)
+
+
+def _set_message(e, message):
+    """Makes `message` what str(e) gives, keeping e's type (and further args)."""
     try:
+        if isinstance(e, ImportError):
+            e.msg = message
         e.args = (message,) + tuple(e.args[1:])
     except Exception:
         pass
@@ -638,12 +644,7 @@ def _names_fork_backend(e):
         cur = cur.__cause__ or cur.__context__
     else:
         return
-    message = _safe_str(e) + _FORK_HINT
-    try:
-        e.msg = message
-        e.args = (message,) + tuple(e.args[1:])
-    except Exception:
-        pass
+    _set_message(e, _safe_str(e) + _FORK_HINT)
 
 
 def _exception_result(e):
